@@ -1,0 +1,163 @@
+"""The DR2 stage: a per-batch callable (a Ray Data actor) that runs DR2 on uint8 faces.
+
+In: batch["image"] uint8 (B, S, S, 3) at the model size, batch["id"], batch["N"], batch["tau"], and
+batch["status"] ("ok" rows are processed; others pass through untouched). Out: batch["dr2"] uint8
+(B, S, S, 3), rounded and clipped (never wrapped), plus "omega", "seed", "weights" per row.
+The model is built and its weights loaded once, in __init__.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.diffusion import dr2_schedule
+from models.dr2 import DR2Params, dr2_sample
+from models.noise import SeededNoise, sample_seed
+from models.unet import UNetModel, dr2_unet_config
+from tasks.config import Sampled, opt
+from tasks.weights import RANDOM_INIT, load_weights
+
+log = logging.getLogger(__name__)
+
+TINY_UNET = dict(image_size=64, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                 attention_resolutions=[4], channel_mult=(1, 2, 2), num_head_channels=32,
+                 use_scale_shift_norm=True, resblock_updown=True, dropout=0.0)
+
+
+@dataclass(frozen=True)
+class DR2Config:
+    weights: str | None = opt(None, "DR2 diffusion weights (DR2_FFHQ.pkl, ffhq_p2.pt, ffhq_10m.pt or "
+                                    ".safetensors): a local path or fsspec URI such as s3://bucket/DR2_FFHQ.pkl")
+    sha256: str | None = opt(None, "expected sha256 of the weights file (refuse to run on a mismatch)")
+    allow_random_weights: bool = opt(False, "run without weights on a random-init network: outputs are "
+                                            "NOT restorations and are labelled random-init (demo/tests only)",
+                                     flag="--allow-random-weights")
+    architecture: str = opt("ffhq256", "UNet: 'ffhq256' (the real checkpoint layout) or 'tiny' "
+                                       "(test-size, random weights only)")
+    N: Sampled = opt(Sampled((4,)), "low-pass factor N per sample: fixed, a set (4,8,16) or a range")
+    tau: Sampled = opt(Sampled((22,)), "last diffusion step tau per sample (0..99): fixed, set or range")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = opt("auto", "where the DR2 actors run: auto (cuda if the actor has a GPU), cuda or cpu")
+    precision: str = opt("bf16", "network precision on CUDA: bf16 or fp16 autocast, or fp32 (CPU: fp32)")
+    channels_last: bool = opt(True, "channels_last memory format on CUDA (faster convolutions)")
+    batch_size: int = opt(16, "images per DR2 batch (per actor call); fill the GPU")
+    num_actors: int = opt(0, "DR2 actor pool size; 0 = one per GPU in the cluster (or 1 without GPUs)")
+    gpus_per_actor: float = opt(1.0, "GPUs per DR2 actor when the cluster has GPUs (fractions share one)")
+    cpus_per_actor: float = opt(1.0, "CPUs per DR2 actor (also its torch threads on CPU)")
+    torch_threads: int = opt(0, "torch CPU threads per actor; 0 = cpus_per_actor")
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but no CUDA device is visible to this actor")
+    return torch.device(requested)
+
+
+def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tuple[UNetModel, str]:
+    """The network and its weights identity; refuses to run without weights unless allowed."""
+    if cfg.architecture not in ("ffhq256", "tiny"):
+        raise ValueError(f"dr2.architecture must be 'ffhq256' or 'tiny', got {cfg.architecture!r}")
+    unet_cfg = dr2_unet_config() if cfg.architecture == "ffhq256" else TINY_UNET
+    model = UNetModel.from_config(unet_cfg)
+    if cfg.weights:
+        if cfg.architecture != "ffhq256":
+            raise ValueError("dr2.weights can only be loaded into the 'ffhq256' architecture")
+        identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options)
+        return model, identity
+    if not cfg.allow_random_weights:
+        raise RuntimeError(
+            "no DR2 weights configured: set dr2.weights (e.g. --dr2.weights /models/DR2_FFHQ.pkl or "
+            "s3://bucket/DR2_FFHQ.pkl). For a demo of the pipeline only, pass --allow-random-weights: "
+            "its outputs are random-init network outputs, NOT restorations.")
+    # A fresh guided-diffusion UNet outputs exactly 0 (zero-initialised output convs): give those small
+    # random weights too so the demo exercises every layer. Seeded, so reruns match.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model, RANDOM_INIT if cfg.architecture == "ffhq256" else f"{RANDOM_INIT}:tiny"
+
+
+def to_model_range(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B,H,W,3) -> float32 (B,3,H,W) in [-1, 1], as the reference's (x/255 - 0.5)/0.5."""
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float (B,3,H,W) -> uint8 (B,H,W,3): rounded and clipped, never wrapped."""
+    return ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class DR2Stage:
+    """Ray Data callable class: the network is built once per actor."""
+
+    def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
+        self.cfg, self.runtime, self.seed = dr2, runtime, int(seed)
+        self.device = resolve_device(runtime.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, runtime.torch_threads or int(runtime.cpus_per_actor)))
+        model, self.weights = build_dr2_unet(dr2, storage_options=storage_options)
+        model = model.eval().requires_grad_(False).to(self.device)
+        self.autocast = None
+        if self.device.type == "cuda":
+            if runtime.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            if runtime.precision in ("bf16", "fp16"):
+                self.autocast = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
+            elif runtime.precision != "fp32":
+                raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {runtime.precision!r}")
+        self.model = model
+        self.schedule = dr2_schedule()
+        if self.weights.startswith(RANDOM_INIT):
+            log.warning("DR2 stage on %s runs a RANDOM-INIT network (%s): outputs are not restorations",
+                        self.device, self.weights)
+        log.info("DR2 stage ready on %s (pid %d, weights %s)", self.device, os.getpid(), self.weights)
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast is not None:
+            with torch.autocast("cuda", dtype=self.autocast):
+                return self.model(x, t)
+        return self.model(x, t)
+
+    @torch.inference_mode()
+    def restore(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> np.ndarray:
+        """DR2 on uint8 (B,S,S,3) faces with per-sample params; seeds come from (job seed, id)."""
+        y = to_model_range(images, self.device)
+        seeds = [sample_seed(self.seed, i) for i in ids]
+        x0 = dr2_sample(self._network, self.schedule, y, params, SeededNoise(seeds))
+        return to_uint8(x0)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        ok = np.flatnonzero(batch["status"] == "ok")
+        size = batch["image"].shape[1]
+        out = np.zeros((n, size, size, 3), dtype=np.uint8)
+        omega = np.full(n, -1, dtype=np.int64)
+        for k in range(n):
+            if batch["status"][k] == "ok":
+                omega[k] = DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])).omega
+        if len(ok):
+            ids = [str(batch["id"][k]) for k in ok]
+            params = [DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])) for k in ok]
+            out[ok] = self.restore(batch["image"][ok], ids, params)
+        batch["dr2"] = out
+        batch["omega"] = omega
+        batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
+        batch["weights"] = np.array([self.weights] * n, dtype=object)
+        return batch

@@ -1,0 +1,86 @@
+"""The load stage (CPU tasks): read bytes, decode, validate, square, resize; draw per-sample parameters.
+
+Every input row comes out as exactly one row: "ok" with `image` (uint8 S x S x 3), or "error" with the
+reason and a zero image, so the manifest accounts for every input and the job never stops on one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.noise import derive_seed
+from tasks.config import Sampled, opt
+from tasks.images import ImageError, decode_image, prepare_face
+from tasks.storage import get_fs
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    size: int = opt(256, "model input size: faces are resized to size x size with PIL bicubic (as DR2)")
+    non_square: str = opt("error", "non-square input: 'error' (an error row) or 'center_crop'")
+    max_pixels: int = opt(50_000_000, "refuse images with more pixels than this (checked from the header)")
+    min_side: int = opt(16, "refuse images smaller than this on either side")
+    extensions: list[str] = opt(["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"],
+                                "file extensions listed as inputs (others are ignored and counted)")
+
+
+def draw_params(job_seed: int, sample_id: str, specs: dict[str, Sampled]) -> dict:
+    """Per-sample parameters: each drawn from its own stream seeded by (job seed, id, name)."""
+    return {name: spec.draw(random.Random(derive_seed("param", job_seed, sample_id, name)))
+            for name, spec in specs.items()}
+
+
+def read_sources(sources: list[str], storage_options: dict | None) -> list[bytes | Exception]:
+    """Fetch many objects at once (s3fs/gcsfs fetch concurrently); failures come back as values."""
+    if not sources:
+        return []
+    fs, _ = get_fs(sources[0], storage_options)
+    paths = [get_fs(s, storage_options)[1] for s in sources]
+    got = fs.cat(paths, on_error="return")
+    if not isinstance(got, dict):  # a single path comes back as bytes
+        got = {paths[0]: got}
+    return [got.get(p, FileNotFoundError(p)) for p in paths]
+
+
+class LoadFaces:
+    """Ray Data batch function: (id, source, stem, key_error) -> + image, status, error, params."""
+
+    def __init__(self, image: ImageConfig, specs: dict[str, Sampled], job_seed: int,
+                 storage_options: dict | None = None):
+        self.image, self.specs, self.job_seed = image, specs, int(job_seed)
+        self.storage_options = storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, size = len(batch["id"]), self.image.size
+        images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        status, error = ["ok"] * n, [""] * n
+        fmt, conv = [""] * n, [""] * n
+        width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        todo = [k for k in range(n) if not batch["key_error"][k]]
+        for k in range(n):
+            if batch["key_error"][k]:
+                status[k], error[k] = "error", str(batch["key_error"][k])
+        data = read_sources([str(batch["source"][k]) for k in todo], self.storage_options)
+        for k, raw in zip(todo, data):
+            try:
+                if isinstance(raw, Exception):
+                    raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
+                rgb, info = decode_image(raw, max_pixels=self.image.max_pixels, min_side=self.image.min_side)
+                fmt[k], conv[k] = info["format"], info["converted"]
+                width[k], height[k] = info["width"], info["height"]
+                images[k] = prepare_face(rgb, size, self.image.non_square)
+            except ImageError as e:
+                status[k], error[k] = "error", str(e)
+            except Exception as e:  # an unexpected decoder failure is still one sample's problem
+                status[k], error[k] = "error", f"{type(e).__name__}: {e}"
+        params = [draw_params(self.job_seed, str(i), self.specs) for i in batch["id"]]
+        out = dict(batch)
+        out.update(image=images, status=np.array(status, dtype=object), error=np.array(error, dtype=object),
+                   src_format=np.array(fmt, dtype=object), src_converted=np.array(conv, dtype=object),
+                   src_width=width, src_height=height)
+        for name in self.specs:
+            out[name] = np.array([p[name] for p in params])
+        return out

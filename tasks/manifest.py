@@ -1,0 +1,152 @@
+"""The Parquet manifest: one row per sample, written in shards that are the commit marker.
+
+A sample counts as done when its row is in a readable shard under <output>/manifest/. Its images are
+written before the shard, under deterministic names, so a rerun after a crash recomputes exactly the
+uncommitted samples and overwrites (never duplicates) their partial outputs. A shard's name is a hash
+of the ids it holds, so a retried task rewrites the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.storage import get_fs, join_under, write_bytes
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "manifest"
+SUMMARY_FILE = "_summary.json"
+
+# Columns every workflow writes; workflows add their own (typed at write time from the batch).
+BASE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),          # "ok" or "error"
+    ("error", pa.string()),           # the reason, for status "error"
+    ("src_format", pa.string()),
+    ("src_width", pa.int64()),
+    ("src_height", pa.int64()),
+    ("src_converted", pa.string()),   # conversions applied on decode (gray->rgb, 16bit->8bit, ...)
+    ("job_seed", pa.int64()),
+    ("seed", pa.int64()),             # the sample's seed, derived from (job seed, id)
+    ("weights", pa.string()),         # weights identity, or "random-init"
+    ("random_weights", pa.bool_()),
+    ("code_version", pa.string()),
+    ("config_hash", pa.string()),
+    ("processed_at", pa.timestamp("ms", tz="UTC")),
+])
+
+
+def manifest_prefix(output: str) -> str:
+    return join_under(output, MANIFEST_DIR)
+
+
+def shard_name(ids: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\0")
+    return f"part-{h.hexdigest()}.parquet"
+
+
+def write_shard(table: pa.Table, output: str, storage_options: dict | None = None) -> str:
+    """Write one manifest shard atomically; returns its URI."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    uri = join_under(manifest_prefix(output), shard_name(table.column("id").to_pylist()))
+    fs, path = get_fs(uri, storage_options)
+    write_bytes(fs, path, buf.getvalue())
+    return uri
+
+
+def _shard_paths(output: str, storage_options: dict | None) -> tuple[object, list[str]]:
+    fs, root = get_fs(manifest_prefix(output), storage_options)
+    try:
+        paths = [p for p in fs.find(root) if p.rsplit("/", 1)[-1].startswith("part-")
+                 and p.endswith(".parquet")]
+    except FileNotFoundError:
+        paths = []
+    return fs, sorted(paths)
+
+
+def read_manifest(output: str, storage_options: dict | None = None, columns: list[str] | None = None
+                  ) -> pd.DataFrame:
+    """All committed rows; a sample that appears in several shards (a retry) keeps its latest row."""
+    fs, paths = _shard_paths(output, storage_options)
+    frames = []
+    for p in paths:
+        try:
+            with fs.open(p, "rb") as f:
+                frames.append(pq.read_table(f, columns=columns).to_pandas())
+        except Exception as e:  # an unreadable shard commits nothing: its samples are redone
+            log.warning("ignoring unreadable manifest shard %s: %s", p, e)
+    if not frames:
+        return pd.DataFrame(columns=columns or [f.name for f in BASE_SCHEMA])
+    df = pd.concat(frames, ignore_index=True)
+    if "processed_at" in df.columns:
+        df = df.sort_values("processed_at", kind="stable")
+    return df.drop_duplicates("id", keep="last").reset_index(drop=True)
+
+
+def committed_ids(output: str, storage_options: dict | None = None, retry_errors: bool = False) -> set[str]:
+    df = read_manifest(output, storage_options, columns=["id", "status", "processed_at"])
+    if retry_errors:
+        df = df[df["status"] == "ok"]
+    return set(df["id"])
+
+
+def write_summary(output: str, summary: dict, storage_options: dict | None = None) -> str:
+    uri = join_under(output, SUMMARY_FILE)
+    fs, path = get_fs(uri, storage_options)
+    write_bytes(fs, path, json.dumps(summary, indent=2, default=str).encode())
+    return uri
+
+
+def now_ms() -> pd.Timestamp:
+    return pd.Timestamp(time.time_ns() // 1_000_000, unit="ms", tz="UTC")
+
+
+class ManifestWriter:
+    """Ray Data batch function, the pipeline's last stage: one shard per batch; returns shard stats.
+
+    `columns` adds the workflow's own typed columns to BASE_SCHEMA; `constants` fills per-job columns.
+    """
+
+    def __init__(self, output: str, columns: list[tuple[str, pa.DataType]], constants: dict,
+                 storage_options: dict | None = None):
+        self.output, self.constants, self.storage_options = output, constants, storage_options
+        self.schema = pa.schema(list(BASE_SCHEMA) + [pa.field(n, t) for n, t in columns])
+
+    def table(self, batch: dict) -> pa.Table:
+        n = len(batch["id"])
+        cols = {}
+        for f in self.schema:
+            if f.name in self.constants:
+                values = [self.constants[f.name]] * n
+            elif f.name == "processed_at":
+                values = [now_ms()] * n
+            elif f.name == "random_weights":
+                values = [str(w).startswith("random-init") for w in batch["weights"]]
+            else:
+                values = [None if v is None or (isinstance(v, str) and v == "" and f.name == "error") else v
+                          for v in list(batch[f.name])]
+                values = [v.item() if isinstance(v, np.generic) else v for v in values]
+            cols[f.name] = pa.array(values, type=f.type)
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+    def __call__(self, batch: dict) -> dict:
+        table = self.table(batch)
+        uri = write_shard(table, self.output, self.storage_options)
+        status = np.asarray(batch["status"])
+        return {"shard": np.array([uri], dtype=object), "rows": np.array([len(status)]),
+                "ok": np.array([int((status == "ok").sum())]), "error": np.array([int((status != "ok").sum())])}

@@ -1,0 +1,202 @@
+"""What every workflow shares: resume planning, Ray start-up, actor-pool sizing, and the run summary.
+
+A workflow is: plan (list inputs, drop committed ids) -> a Ray Data chain of stages ending in the
+ManifestWriter -> drain its per-shard stats (Ray shows progress bars) -> write the summary last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.config import opt, to_dict
+from tasks.listing import list_inputs
+from tasks.manifest import committed_ids, manifest_prefix, write_summary
+from tasks.storage import redact
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    enabled: bool = opt(True, "skip samples already committed in <output>/manifest (a rerun finishes the rest)")
+    retry_errors: bool = opt(False, "on resume, also redo samples whose committed row has status 'error'")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str | None = opt(None, "Ray cluster address; unset: RAY_ADDRESS if set (ray job submit sets it), "
+                                    "else a local Ray started by this process")
+    num_cpus: int = opt(0, "CPUs for a local Ray (0 = all); ignored when joining a cluster")
+    num_gpus: int = opt(-1, "GPUs to declare for a local Ray (-1 = autodetect); ignored on a cluster")
+    block_rows: int = opt(64, "input rows per Ray block (the unit of read parallelism)")
+    manifest_rows: int = opt(256, "rows per manifest shard (the unit of commit: smaller = less redone after a crash)")
+
+
+def code_version() -> str:
+    """git commit (+dirty) when available, and always a hash of the source files that ran."""
+    h = hashlib.sha256()
+    for p in sorted(ROOT.glob("*/*.py")) + sorted(ROOT.glob("configs/*.yaml")):
+        if p.parts[-2] in ("models", "tasks", "workflows", "configs"):
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    version = f"src-{h.hexdigest()[:12]}"
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            version = f"git-{sha}{'+dirty' if dirty else ''}/{version}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    todo: pd.DataFrame
+    total: int
+    skipped: int
+    ignored: int
+
+
+def plan(input_spec: str, output: str, storage_options: dict | None, extensions, resume: ResumeConfig) -> Plan:
+    listing = list_inputs(input_spec, storage_options, tuple(extensions))
+    df = listing.samples
+    done: set[str] = set()
+    if resume.enabled:
+        done = committed_ids(output, storage_options, retry_errors=resume.retry_errors)
+    todo = df[~df["id"].isin(done)].reset_index(drop=True)
+    return Plan(todo=todo, total=len(df), skipped=len(df) - len(todo), ignored=listing.ignored)
+
+
+def init_ray(cluster: ClusterConfig):
+    """Join a cluster (explicit address or RAY_ADDRESS, as inside `ray job submit`) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        kwargs = {}
+        if cluster.num_cpus:
+            kwargs["num_cpus"] = cluster.num_cpus
+        if cluster.num_gpus >= 0:
+            kwargs["num_gpus"] = cluster.num_gpus
+        # Workers import models/ and tasks/ from this checkout.
+        ray.init(runtime_env={"env_vars": env}, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    return ray
+
+
+def actor_pool(runtime, ray) -> tuple[int, float]:
+    """(pool size, GPUs per actor): one actor per GPU by default, CPU actors when there is none."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if runtime.device == "cpu" or gpus == 0:
+        return max(1, runtime.num_actors or 1), 0.0
+    per = runtime.gpus_per_actor
+    return max(1, runtime.num_actors or int(gpus // per) or 1), per
+
+
+def as_task(stage_cls, **kwargs):
+    """Run a cheap-to-build stage class as stateless Ray tasks (a class UDF would become an actor pool)."""
+
+    def run(batch):
+        return stage_cls(**kwargs)(batch)
+
+    run.__name__ = run.__qualname__ = stage_cls.__name__
+    return run
+
+
+def absolute_output(uri: str) -> str:
+    """Local outputs become absolute paths, so manifest URIs stay valid from any working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def blocks(df: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
+    return [df.iloc[i:i + rows] for i in range(0, len(df), rows)] or [df]
+
+
+@dataclass
+class Summary:
+    workflow: str
+    output: str
+    total: int = 0
+    skipped: int = 0
+    ignored: int = 0
+    ok: int = 0
+    error: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    weights: str = ""
+    code_version: str = ""
+    config_hash: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["images_per_s"] = round(self.images_per_s, 4)
+        d["manifest"] = manifest_prefix(self.output)
+        d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return d
+
+    def text(self) -> str:
+        lines = [
+            f"{self.workflow}: {self.ok} ok, {self.error} error, {self.skipped} skipped (already committed), "
+            f"{self.total} inputs" + (f", {self.ignored} non-image files ignored" if self.ignored else ""),
+            f"  {self.images_per_s:.3f} images/s over {self.seconds:.1f} s, {self.shards} manifest shards written",
+            f"  manifest: {manifest_prefix(self.output)}",
+            f"  weights: {self.weights}   code: {self.code_version}",
+        ]
+        lines += [f"  NOTE: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def drain(ds, summary: Summary) -> Summary:
+    """Run the dataset to the end, counting the ManifestWriter's per-shard stats."""
+    t0 = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        summary.ok += int(batch["ok"].sum())
+        summary.error += int(batch["error"].sum())
+        summary.shards += len(batch["shard"])
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def finish(summary: Summary, storage_options: dict | None) -> None:
+    uri = write_summary(summary.output, summary.as_dict(), storage_options)
+    print(summary.text(), file=sys.stderr, flush=True)
+    log.info("summary written to %s", uri)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def describe_storage(options: dict | None) -> str:
+    return json.dumps(redact(options or {}))

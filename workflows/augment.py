@@ -1,0 +1,124 @@
+"""Build enhancement-module training pairs: LQ = DR2(HQ) (*) k_sigma, with a Parquet manifest.
+
+    python workflows/augment.py --input s3://faces/ffhq512/ --output s3://train/dr2aug/ --dr2.weights ...
+    ray job submit --working-dir . -- python workflows/augment.py --config configs/augment.yaml ...
+
+Stages: list -> read+decode+resize (CPU tasks) -> DR2 (actor pool, GPUs) -> blur+encode+write (CPU
+tasks) -> manifest shard (CPU tasks). A rerun with the same output finishes only the missing samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python workflows/augment.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+
+from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
+from tasks.config import load, opt
+from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.load_stage import ImageConfig, LoadFaces
+from tasks.manifest import ManifestWriter
+from tasks.pipeline import (
+    ROOT,
+    ClusterConfig,
+    ResumeConfig,
+    Summary,
+    absolute_output,
+    actor_pool,
+    as_task,
+    blocks,
+    code_version,
+    config_hash,
+    describe_storage,
+    drain,
+    finish,
+    init_ray,
+    plan,
+    setup_logging,
+)
+from tasks.weights import RANDOM_INIT, check_weights_exist
+
+log = logging.getLogger("augment")
+
+MANIFEST_COLUMNS = [
+    ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("sigma", pa.float64()),
+    ("lq", pa.string()), ("hq", pa.string()),
+]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    input: str = opt("data/samples", "HQ aligned faces: a folder/prefix (recursive), a glob, or a .parquet/.csv "
+                                     "list with a 'uri' column (local, s3://, gs://, any fsspec URI)")
+    output: str = opt("out/augment", "output prefix: lq/, hq/, manifest/ and _summary.json go under it")
+    seed: int = opt(0, "job seed: a sample's noise and parameters depend only on (seed, sample id)")
+    storage_options: dict = opt({}, "fsspec options for input/output/weights, e.g. {endpoint_url: ...}; "
+                                    "credentials come from the environment or instance role, not from here")
+    image: ImageConfig = ImageConfig()
+    dr2: DR2Config = DR2Config()
+    blur: BlurConfig = BlurConfig()
+    write: WriteConfig = WriteConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    resume: ResumeConfig = ResumeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+
+def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
+    so = cfg.storage_options or None
+    pool, gpus = actor_pool(cfg.runtime, ray)
+    log.info("DR2 actor pool: %d actor(s), %.2f GPU each, batch %d", pool, gpus, cfg.runtime.batch_size)
+    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+                                specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau, "sigma": cfg.blur.sigma}),
+                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    ds = ds.map_batches(DR2Stage, fn_constructor_kwargs=dict(
+        dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
+        batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=pool), max_restarts=-1, max_task_retries=-1)
+    ds = ds.map_batches(as_task(BlurAndWrite, output=cfg.output, write=cfg.write, storage_options=so),
+                        batch_size=cfg.runtime.batch_size, num_cpus=1)
+    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so,
+                                constants={"job_seed": cfg.seed, "code_version": version,
+                                           "config_hash": config_hash(cfg)}),
+                        batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
+    return ds
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: AugmentConfig = load(AugmentConfig, argv, __doc__, ROOT / "configs" / "augment.yaml")
+    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
+    setup_logging()
+    so = cfg.storage_options or None
+    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
+    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    if not weights and not cfg.dr2.allow_random_weights:
+        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
+                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+        return 2
+    version = code_version()
+    summary = Summary("augment", cfg.output, weights=weights or RANDOM_INIT, code_version=version,
+                      config_hash=config_hash(cfg))
+    if not weights:
+        banner = ("RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of an "
+                  "untrained network, NOT a DR2 restoration. The manifest says weights=random-init.")
+        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
+        summary.notes.append(banner)
+    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
+    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
+    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
+    if len(p.todo):
+        ray = init_ray(cfg.cluster)
+        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+    finish(summary, so)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
