@@ -53,6 +53,8 @@ class RuntimeConfig:
     gpus_per_actor: float = opt(1.0, "GPUs per DR2 actor when the cluster has GPUs (fractions share one)")
     cpus_per_actor: float = opt(1.0, "CPUs per DR2 actor (also its torch threads on CPU)")
     torch_threads: int = opt(0, "torch CPU threads per actor; 0 = cpus_per_actor")
+    chaos_exit_once: str | None = opt(None, "fault-injection for recovery tests: a marker-file path; the first "
+                                            "DR2 call that finds it absent creates it and kills its own process")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -68,7 +70,9 @@ def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tu
     if cfg.architecture not in ("ffhq256", "tiny"):
         raise ValueError(f"dr2.architecture must be 'ffhq256' or 'tiny', got {cfg.architecture!r}")
     unet_cfg = dr2_unet_config() if cfg.architecture == "ffhq256" else TINY_UNET
-    model = UNetModel.from_config(unet_cfg)
+    with torch.random.fork_rng(devices=[]):  # random-init must be the same network in every actor and run
+        torch.manual_seed(0)
+        model = UNetModel.from_config(unet_cfg)
     if cfg.weights:
         if cfg.architecture != "ffhq256":
             raise ValueError("dr2.weights can only be loaded into the 'ffhq256' architecture")
@@ -144,6 +148,11 @@ class DR2Stage:
         return to_uint8(x0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chaos = self.runtime.chaos_exit_once
+        if chaos and not os.path.exists(chaos):
+            with open(chaos, "w") as f:
+                f.write(str(os.getpid()))
+            os._exit(1)  # a crash mid-batch: Ray must restart the actor and retry the batch
         n = len(batch["id"])
         ok = np.flatnonzero(batch["status"] == "ok")
         size = batch["image"].shape[1]

@@ -110,9 +110,13 @@ def init_ray(cluster: ClusterConfig):
 
 
 def actor_pool(runtime, ray) -> tuple[int, float]:
-    """(pool size, GPUs per actor): one actor per GPU by default, CPU actors when there is none."""
+    """(pool size, GPUs per actor): one actor per GPU by default, CPU actors when there is none.
+
+    device=cuda always asks for GPUs, so an autoscaling cluster that has none yet adds them instead of
+    the job silently running on CPU.
+    """
     gpus = ray.cluster_resources().get("GPU", 0)
-    if runtime.device == "cpu" or gpus == 0:
+    if runtime.device == "cpu" or (runtime.device == "auto" and gpus == 0):
         return max(1, runtime.num_actors or 1), 0.0
     per = runtime.gpus_per_actor
     return max(1, runtime.num_actors or int(gpus // per) or 1), per

@@ -1,3 +1,29 @@
 """Shared pytest fixtures. Keep this file thin: fixtures live in their own modules."""
 
+import os
+
+import pytest
+
 from tests.s3server import s3_server  # noqa: F401  (session-scoped S3 server on 127.0.0.1)
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A real local Ray for one test module; workers get the S3 test server's credentials via env vars."""
+    import ray
+
+    from tasks.pipeline import ROOT
+
+    env = dict(s3_server.env)
+    env["PYTHONPATH"] = str(ROOT)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the driver reads S3 the same usual way
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

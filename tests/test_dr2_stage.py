@@ -97,3 +97,11 @@ def test_per_sample_params_depend_only_on_seed_and_id():
     # adding a parameter does not change the others (each has its own stream)
     more = dict(specs, extra=Sampled.parse([1, 2]))
     assert {k: draw_params(0, "x/1.png", more)[k] for k in specs} == a
+
+
+def test_random_init_is_the_same_network_in_every_actor():
+    torch.manual_seed(123)  # whatever the global RNG state, the demo network is fixed
+    a, _ = build_dr2_unet(DR2Config(allow_random_weights=True, architecture="tiny"))
+    torch.manual_seed(456)
+    b, _ = build_dr2_unet(DR2Config(allow_random_weights=True, architecture="tiny"))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

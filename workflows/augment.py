@@ -81,7 +81,7 @@ def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
     ds = ds.map_batches(DR2Stage, fn_constructor_kwargs=dict(
         dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=pool), max_restarts=-1, max_task_retries=-1)
+        compute=ray.data.ActorPoolStrategy(size=pool))  # Ray restarts dead actors and retries their batches
     ds = ds.map_batches(as_task(BlurAndWrite, output=cfg.output, write=cfg.write, storage_options=so),
                         batch_size=cfg.runtime.batch_size, num_cpus=1)
     ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so,
