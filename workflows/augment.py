@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                   "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
         return 2
     version = code_version()
-    summary = Summary("augment", cfg.output, weights=weights or RANDOM_INIT, code_version=version,
+    random_label = RANDOM_INIT + (":tiny" if cfg.dr2.architecture == "tiny" else "")
+    summary = Summary("augment", cfg.output, weights=weights or random_label, code_version=version,
                       config_hash=config_hash(cfg))
     if not weights:
         banner = ("RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of an "
