@@ -1,9 +1,5 @@
-"""The augmentation's last image stage (CPU tasks): LQ = DR2(HQ) blurred by k_sigma, PNG-encoded and written.
-
-Outputs go to deterministic names under the output prefix (<output>/lq/<stem>.png, <output>/hq/<stem>.png),
-so a retried or rerun sample overwrites its own files. Image arrays are dropped here: what flows on to
-the manifest writer is one small row per sample.
-"""
+"""The augmentation's image stage (CPU tasks): LQ = DR2(HQ) blurred by k_sigma, written as
+<output>/lq/<stem>.png next to the HQ target <output>/hq/<stem>.png (see tasks/write_stage.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +9,7 @@ import cv2
 import numpy as np
 
 from tasks.config import Sampled, opt
-from tasks.images import encode_png
-from tasks.storage import get_fs, join_under, write_bytes
+from tasks.write_stage import WriteImages
 
 
 @dataclass(frozen=True)
@@ -39,35 +34,13 @@ def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-class BlurAndWrite:
-    """Ray Data batch function: dr2 (+ image) arrays -> written PNGs; returns rows without pixels."""
+class BlurAndWrite(WriteImages):
+    """Writes lq = blur_sigma(DR2 output) and, if configured, hq = the resized input."""
 
     def __init__(self, output: str, write: WriteConfig, storage_options: dict | None = None):
-        self.output, self.write, self.storage_options = output, write, storage_options
-        self.lq_root = join_under(output, "lq")
-        self.hq_root = join_under(output, "hq")
+        images = {"lq": "dr2", "hq": "image"} if write.hq else {"lq": "dr2"}
+        super().__init__(output, images, write.png_compression, storage_options)
 
-    def _put(self, root: str, stem: str, rgb: np.ndarray) -> str:
-        uri = join_under(root, stem + ".png")
-        fs, path = get_fs(uri, self.storage_options)
-        write_bytes(fs, path, encode_png(rgb, self.write.png_compression))
-        return uri
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        lq, hq = [""] * n, [""] * n
-        status, error = list(batch["status"]), list(batch["error"])
-        for k in range(n):
-            if status[k] != "ok":
-                continue
-            try:
-                lq[k] = self._put(self.lq_root, str(batch["stem"][k]),
-                                  gaussian_blur(batch["dr2"][k], float(batch["sigma"][k])))
-                if self.write.hq:
-                    hq[k] = self._put(self.hq_root, str(batch["stem"][k]), batch["image"][k])
-            except Exception as e:  # a failed write is this sample's error row (--resume.retry-errors redoes it)
-                status[k], error[k] = "error", f"write failed: {type(e).__name__}: {e}"
-        out = {k: v for k, v in batch.items() if k not in ("image", "dr2")}
-        out.update(lq=np.array(lq, dtype=object), hq=np.array(hq, dtype=object),
-                   status=np.array(status, dtype=object), error=np.array(error, dtype=object))
-        return out
+    def pixels(self, batch: dict[str, np.ndarray], k: int, name: str) -> np.ndarray:
+        rgb = super().pixels(batch, k, name)
+        return gaussian_blur(rgb, float(batch["sigma"][k])) if name == "lq" else rgb

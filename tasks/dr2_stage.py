@@ -140,12 +140,29 @@ class DR2Stage:
         return self.model(x, t)
 
     @torch.inference_mode()
-    def restore(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> np.ndarray:
-        """DR2 on uint8 (B,S,S,3) faces with per-sample params; seeds come from (job seed, id)."""
+    def restore_float(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> torch.Tensor:
+        """DR2's x0-hat in [-1, 1] (B,3,S,S) on the actor's device; seeds come from (job seed, id)."""
         y = to_model_range(images, self.device)
         seeds = [sample_seed(self.seed, i) for i in ids]
-        x0 = dr2_sample(self._network, self.schedule, y, params, SeededNoise(seeds))
-        return to_uint8(x0)
+        return dr2_sample(self._network, self.schedule, y, params, SeededNoise(seeds))
+
+    def restore(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> np.ndarray:
+        """DR2 on uint8 (B,S,S,3) faces with per-sample params -> uint8 (B,S,S,3)."""
+        return to_uint8(self.restore_float(images, ids, params))
+
+    @staticmethod
+    def ok_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str], list[DR2Params]]:
+        ok = np.flatnonzero(batch["status"] == "ok")
+        return (ok, [str(batch["id"][k]) for k in ok],
+                [DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])) for k in ok])
+
+    def annotate(self, batch: dict[str, np.ndarray]) -> None:
+        """Per-row omega (-1 for error rows), seed and weights identity for the manifest."""
+        n = len(batch["id"])
+        batch["omega"] = np.array([DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])).omega
+                                   if batch["status"][k] == "ok" else -1 for k in range(n)], dtype=np.int64)
+        batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
+        batch["weights"] = np.array([self.weights] * n, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chaos = self.runtime.chaos_exit_once
@@ -153,20 +170,11 @@ class DR2Stage:
             with open(chaos, "w") as f:
                 f.write(str(os.getpid()))
             os._exit(1)  # a crash mid-batch: Ray must restart the actor and retry the batch
-        n = len(batch["id"])
-        ok = np.flatnonzero(batch["status"] == "ok")
+        ok, ids, params = self.ok_rows(batch)
         size = batch["image"].shape[1]
-        out = np.zeros((n, size, size, 3), dtype=np.uint8)
-        omega = np.full(n, -1, dtype=np.int64)
-        for k in range(n):
-            if batch["status"][k] == "ok":
-                omega[k] = DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])).omega
+        out = np.zeros((len(batch["id"]), size, size, 3), dtype=np.uint8)
         if len(ok):
-            ids = [str(batch["id"][k]) for k in ok]
-            params = [DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])) for k in ok]
             out[ok] = self.restore(batch["image"][ok], ids, params)
         batch["dr2"] = out
-        batch["omega"] = omega
-        batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
-        batch["weights"] = np.array([self.weights] * n, dtype=object)
+        self.annotate(batch)
         return batch

@@ -18,11 +18,12 @@ from tasks.storage import get_fs, join_under
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
+PER_SAMPLE_COLUMNS = ("N", "tau")
 
 
 @dataclass
 class Listing:
-    samples: pd.DataFrame   # columns: id, source, stem, key_error
+    samples: pd.DataFrame   # columns: id, source, stem, key_error (+ N, tau when a list gives them)
     ignored: int            # files skipped for their extension
 
 
@@ -50,6 +51,9 @@ def list_inputs(spec: str, storage_options: dict | None = None,
         ids = (table["id"].astype(str).tolist() if "id" in table.columns
                else [u.split("://", 1)[-1].lstrip("/") for u in uris])
         df = pd.DataFrame({"id": ids, "source": uris})
+        for col in PER_SAMPLE_COLUMNS:  # per-sample settings given in the list override the config
+            if col in table.columns:
+                df[col] = table[col].to_numpy()
         ignored = 0
     else:
         if any(c in path for c in "*?["):

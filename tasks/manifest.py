@@ -135,6 +135,8 @@ class ManifestWriter:
                 values = [self.constants[f.name]] * n
             elif f.name == "processed_at":
                 values = [now_ms()] * n
+            elif f.name not in batch and f.name != "random_weights":
+                values = [None] * n  # an optional output that this run did not produce
             elif f.name == "random_weights":
                 values = [str(w).startswith("random-init") for w in batch["weights"]]
             else:

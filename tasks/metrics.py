@@ -1,0 +1,753 @@
+"""Face-restoration metrics computed batched on one device: PSNR, SSIM, LPIPS, identity, FID features.
+
+Conventions (see /work/shared/REFERENCE.md, "Metric conventions"):
+
+- Images are float tensors (B, 3, H, W) in [0, 1], RGB, on any device; `MetricSuite` takes uint8 (B, H, W, 3).
+- PSNR / SSIM are computed in float64 (float32 on MPS, which has no float64) with data range 1, either on
+  RGB (per-image mean over the three channels, as usual) or on Y: ITU-R BT.601 luma in the "studio swing"
+  range, Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 for R, G, B in [0, 1], i.e. Y in [16, 235] / 255,
+  not rounded: the BasicSR `to_y_channel` / pyiqa `test_y_channel` convention (pyiqa's `ssim` is Y, `ssimc` RGB).
+- SSIM: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5, MATLAB `fspecial` = separable normalised
+  1-D Gaussian), K1 = 0.01, K2 = 0.03, data range 1, population (biased) local variances, 'valid' filtering
+  (no padding: the SSIM map is (H - 10) x (W - 10) and its mean is the score), as BasicSR and the MATLAB
+  reference do. skimage's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+  data_range=1)` gives the same number: it filters with mode='reflect' but then crops (win_size - 1) // 2 = 5
+  pixels from every border before averaging, which leaves exactly the valid region, where the padding is
+  never read.
+- LPIPS: the `lpips` package (linear heads from its wheel) on inputs mapped to [-1, 1]; the backbone (torchvision
+  AlexNet / VGG16 ImageNet weights) comes from a configured path/URI or the torch hub cache ($TORCH_HOME):
+  never downloaded. The metric is named with its net: "lpips_alex" / "lpips_vgg".
+- Identity: insightface arcface_torch IResNet-50 (`backbone.pth` key layout), RGB input resized to 112x112,
+  normalised (x - 0.5) / 0.5, 512-d embedding L2-normalised; "ids" = cosine similarity (higher is better),
+  "deg" = angle in degrees (lower is better).
+- FID: 2048-d pool3 features of torchvision's Inception-v3; statistics accumulated as (count, sum, sum of outer
+  products) in float64 and merged exactly across shards.
+
+Every pretrained network loads from a configured local path or fsspec URI (or the torch hub cache for the
+torchvision backbones); when the weights are absent the metric is reported unavailable with the reason and no
+number is produced. `tasks.weights.RANDOM_INIT` ("random-init") as a weights setting builds a deliberately
+random network (tests, benchmarks); its identity is recorded as such.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.weights import RANDOM_INIT, WeightsNotFoundError, load_weights
+
+__all__ = [
+    "METRIC_NAMES",
+    "WEIGHT_KEYS",
+    "FIDStats",
+    "IResNet",
+    "IdentityEmbedder",
+    "InceptionFeatures",
+    "LPIPSMetric",
+    "MetricBatch",
+    "MetricSuite",
+    "MetricUnavailableError",
+    "fid_from_stats",
+    "frechet_distance",
+    "iresnet50",
+    "psnr",
+    "rgb_to_y",
+    "ssim",
+]
+
+METRIC_NAMES = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg", "fid")
+# Keys of MetricSuite's `weights` / `sha256` mappings: one per pretrained network ("identity" serves ids and deg).
+WEIGHT_KEYS = ("lpips_alex", "lpips_vgg", "identity", "fid")
+
+# torch hub cache file names of the torchvision ImageNet checkpoints ($TORCH_HOME/hub/checkpoints/<name>).
+HUB_FILES = {
+    "alexnet": "alexnet-owt-7be5be79.pth",
+    "vgg16": "vgg16-397923af.pth",
+    "inception_v3": "inception_v3_google-0cc3c7bd.pth",
+}
+
+
+class MetricUnavailableError(RuntimeError):
+    """A metric cannot be computed here (its weights are not configured or absent); str() is the reason."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PSNR / SSIM
+# --------------------------------------------------------------------------------------------------------------
+
+_Y_COEFFS = (65.481, 128.553, 24.966)  # 219 * (0.299, 0.587, 0.114): BT.601 luma scaled to [16, 235]
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+    if x.shape != y.shape:
+        raise ValueError(f"image batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+
+
+def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 studio-swing luma of RGB in [0, 1]: (B, 3, H, W) -> (B, 1, H, W) in [16/255, 235/255], unrounded.
+
+    The same values as BasicSR's `bgr2ycbcr(y_only=True)` / pyiqa's `rgb2ycbcr` on float input.
+    """
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return (16.0 + _Y_COEFFS[0] * r + _Y_COEFFS[1] * g + _Y_COEFFS[2] * b) / 255.0
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor, y_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_pair(x, y)
+    dt = _work_dtype(x.device)
+    x, y = x.to(dt), y.to(device=x.device, dtype=dt)
+    if y_channel:
+        x, y = rgb_to_y(x), rgb_to_y(y)
+    return x, y
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, *, y_channel: bool = False) -> torch.Tensor:
+    """Per-image PSNR in dB with data range 1: 10 log10(1 / MSE), MSE over all channels and pixels.
+
+    y_channel=False: RGB (MSE over the 3 channels, as skimage's `peak_signal_noise_ratio(data_range=1)`);
+    True: BT.601 Y in [16, 235] / 255 (BasicSR / pyiqa convention). Identical images give +inf.
+    Returns float64 (B,) on the inputs' device.
+    """
+    x, y = _prepare(x, y, y_channel)
+    mse = (x - y).square().flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse)  # mse == 0 -> +inf
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> list[float]:
+    """Normalised 1-D Gaussian taps (MATLAB fspecial('gaussian', size, sigma) is their outer product)."""
+    half = size // 2
+    w = [math.exp(-((k - half) ** 2) / (2.0 * sigma**2)) for k in range(size)]
+    s = sum(w)
+    return [v / s for v in w]
+
+
+_WINDOW = _gaussian_window()
+_SSIM_CHUNK_ELEMS = 1 << 25  # elements of input per filtering chunk (5 maps in float64: ~1.3 GB peak at most)
+
+
+def _filter_valid(t: torch.Tensor, taps: Sequence[float]) -> torch.Tensor:
+    """Separable correlation with `taps` along H then W, 'valid' region only: (..., H, W) -> (..., H-k+1, W-k+1).
+
+    Written as in-place shifted multiply-adds: works on every device and dtype, allocates two outputs only and
+    runs faster than float64 conv2d on CPU (which has no vectorised float64 convolution).
+    """
+    k = len(taps)
+    h, w = t.shape[-2:]
+    rows = torch.zeros((*t.shape[:-2], h - k + 1, w), dtype=t.dtype, device=t.device)
+    for i, a in enumerate(taps):
+        rows.add_(t[..., i : i + h - k + 1, :], alpha=a)
+    out = torch.zeros((*t.shape[:-2], h - k + 1, w - k + 1), dtype=t.dtype, device=t.device)
+    for i, a in enumerate(taps):
+        out.add_(rows[..., :, i : i + w - k + 1], alpha=a)
+    return out
+
+
+def _ssim_chunk(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    c1, c2 = 0.01**2, 0.03**2  # (K * data_range)^2 with data range 1
+    stack = torch.stack([x, y, x * x, y * y, x * y])  # (5, B, C, H, W): one filtering pass for all moments
+    mx, my, mxx, myy, mxy = _filter_valid(stack, _WINDOW)
+    vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my  # population moments (no N/(N-1))
+    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return smap.mean(dim=(-2, -1)).mean(dim=1)  # mean over the valid map, then over channels
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, y_channel: bool = False) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, data range 1,
+    'valid' filtering (BasicSR / MATLAB): the mean of the (H-10) x (W-10) SSIM map.
+
+    y_channel=False: mean of the three per-channel RGB scores (skimage `channel_axis` convention);
+    True: on BT.601 Y in [16, 235] / 255. Equals skimage's `structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)` (its reflect padding is cropped away). Images must be
+    at least 11x11. Returns float64 (B,) on the inputs' device.
+    """
+    x, y = _prepare(x, y, y_channel)
+    if min(x.shape[-2:]) < len(_WINDOW):
+        raise ValueError(f"SSIM needs images of at least {len(_WINDOW)}x{len(_WINDOW)}, got {tuple(x.shape[-2:])}")
+    per = max(1, _SSIM_CHUNK_ELEMS // x[0].numel())
+    return torch.cat([_ssim_chunk(x[i : i + per], y[i : i + per]) for i in range(0, x.shape[0], per)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights resolution
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _hub_checkpoint(filename: str) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _resolve(weights: str | None, what: str, hub_file: str | None = None) -> str:
+    """The URI to load, RANDOM_INIT, or MetricUnavailableError when nothing is configured or cached."""
+    if weights:
+        return weights
+    if hub_file is not None:
+        cached = _hub_checkpoint(hub_file)
+        if os.path.isfile(cached):
+            return cached
+        raise MetricUnavailableError(
+            f"no {what} weights configured and the torch hub cache lacks {cached} "
+            f"(configure a path/URI to the torchvision state_dict, or set TORCH_HOME to a cache holding {hub_file})"
+        )
+    raise MetricUnavailableError(f"no {what} weights configured (set a local path or fsspec URI to the checkpoint)")
+
+
+def _load_into(model: nn.Module, uri: str, sha256: str | None, storage_options: dict | None) -> str:
+    """Strictly load a checkpoint into model (tasks.weights); a missing file makes the metric unavailable."""
+    try:
+        return load_weights(model, uri, sha256=sha256, storage_options=storage_options)
+    except WeightsNotFoundError as e:
+        raise MetricUnavailableError(str(e)) from None
+
+
+def _empty(builder, *args, **kwargs) -> nn.Module:
+    """Build a module without initialising its parameters (they are all overwritten by a strict load)."""
+    with torch.device("meta"):
+        model = builder(*args, **kwargs)
+    return model.to_empty(device="cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LPIPS
+# --------------------------------------------------------------------------------------------------------------
+
+_LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
+
+
+class LPIPSMetric:
+    """LPIPS v0.1 of the `lpips` package with a configured torchvision backbone; lower is better.
+
+    weights: a torchvision `alexnet` / `vgg16` state_dict (path or fsspec URI, loaded with weights_only=True);
+    None looks in the torch hub cache ($TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth /
+    vgg16-397923af.pth) and raises MetricUnavailableError when absent (nothing is downloaded);
+    RANDOM_INIT keeps the random backbone (lpips' pnet_rand=True). The linear heads are the package's own.
+    """
+
+    def __init__(
+        self,
+        net: str = "alex",
+        weights: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        sha256: str | None = None,
+        storage_options: dict | None = None,
+    ):
+        if net not in _LPIPS_BACKBONES:
+            raise ValueError(f"LPIPS net must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}")
+        self.net = net
+        self.name = f"lpips_{net}"
+        arch = _LPIPS_BACKBONES[net]
+        uri = _resolve(weights, f"{self.name} backbone ({arch})", HUB_FILES[arch])
+        import lpips  # imports torchvision; only needed when the metric is used
+        import torchvision
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument, used by lpips
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if uri == RANDOM_INIT:
+            self.weights_identity = RANDOM_INIT
+        else:
+            backbone = _empty(getattr(torchvision.models, arch))
+            self.weights_identity = _load_into(backbone, uri, sha256, storage_options)
+            _copy_backbone(model.net, backbone.features)
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image pair, float32 (B,); inputs in [0, 1] are mapped to [-1, 1]."""
+        _check_pair(x, y)
+        x = x.to(self.device, torch.float32) * 2 - 1
+        y = y.to(self.device, torch.float32) * 2 - 1
+        return self.model(x, y).flatten()
+
+
+def _copy_backbone(lpips_net: nn.Module, features: nn.Sequential) -> None:
+    """Copy torchvision `features[i]` into lpips' `slice<k>.<i>` (the slices hold features[0 .. last-1])."""
+    copied = set()
+    for name, part in lpips_net.named_children():
+        if not name.startswith("slice"):
+            continue
+        for idx, child in part.named_children():
+            child.load_state_dict(features[int(idx)].state_dict(), strict=True)
+            copied.add(int(idx))
+    with_params = {i for i, m in enumerate(features) if any(True for _ in m.parameters())}
+    if not with_params <= copied:
+        raise RuntimeError(f"lpips backbone layout changed: layers {sorted(with_params - copied)} not copied")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Identity (ArcFace IResNet)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _IBlock(nn.Module):
+    """Pre-activation basic block of insightface's IResNet: BN-conv-BN-PReLU-conv(stride)-BN + shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class IResNet(nn.Module):
+    """insightface arcface_torch IResNet (inference only) with the key layout of its released `backbone.pth`:
+    conv1/bn1/prelu stem at 112x112, four stages of `_IBlock`s (64, 128, 256, 512 channels, each starting with a
+    stride-2 block with a conv1x1+BN `downsample`), bn2, fc (512*7*7 -> 512), features (BatchNorm1d).
+    """
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 14, 3), num_features: int = 512):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+        self.prelu = nn.PReLU(64)
+        cin = 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+            blocks = [_IBlock(cin, width, 2)] + [_IBlock(width, width, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            cin = width
+        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.dropout = nn.Dropout(p=0.0)
+        self.fc = nn.Linear(512 * 7 * 7, num_features)
+        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+        nn.init.constant_(self.features.weight, 1.0)  # frozen at 1 in training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x))
+
+
+def iresnet50() -> IResNet:
+    """arcface_torch `r50` (layers 3, 4, 14, 3), e.g. ms1mv3_arcface_r50_fp16/backbone.pth."""
+    return IResNet((3, 4, 14, 3))
+
+
+class IdentityEmbedder:
+    """ArcFace identity embeddings (insightface arcface_torch IResNet-50 `backbone.pth`).
+
+    Inputs are face images in [0, 1]; `crop` = (top, left, bottom, right) fractions of the image to keep before
+    resizing (None: the whole image). They are resized to 112x112 (bilinear, antialiased) and normalised
+    (x - 0.5) / 0.5 on RGB, as arcface_torch's inference does. arcface_torch expects insightface's 5-point
+    112x112 alignment; FFHQ-aligned faces resized whole are a close but not identical framing, so compare
+    scores only under the same framing. Output: 512-d embeddings, L2-normalised.
+    weights: path / fsspec URI of the state_dict (required: no cache fallback), or RANDOM_INIT.
+    """
+
+    name = "ids"
+    size = 112
+
+    def __init__(
+        self,
+        weights: str | None,
+        *,
+        device: str | torch.device = "cpu",
+        sha256: str | None = None,
+        storage_options: dict | None = None,
+        crop: tuple[float, float, float, float] | None = None,
+    ):
+        uri = _resolve(weights, "ArcFace IResNet-50 (identity)")
+        if uri == RANDOM_INIT:
+            model, self.weights_identity = iresnet50(), RANDOM_INIT
+        else:
+            model = _empty(iresnet50)
+            self.weights_identity = _load_into(model, uri, sha256, storage_options)
+        if crop is not None and not (0 <= crop[0] < crop[2] <= 1 and 0 <= crop[1] < crop[3] <= 1):
+            raise ValueError(f"crop must be (top, left, bottom, right) fractions with top < bottom, got {crop}")
+        self.crop = crop
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 512) float32 unit vectors."""
+        x = x.to(self.device, torch.float32)
+        if self.crop is not None:
+            h, w = x.shape[-2:]
+            t, l, b, r = self.crop
+            x = x[..., round(t * h) : round(b * h), round(l * w) : round(r * w)]
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return F.normalize(self.model((x - 0.5) / 0.5), dim=1)
+
+    def compare(self, restored: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine similarity, angle in degrees), float64 (B,) each, between restored and GT embeddings."""
+        _check_pair(restored, gt)
+        e = self.embed(torch.cat([restored, gt.to(restored.device)])).double()
+        a, b = e.chunk(2)
+        cos = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(dim=1).clamp(-1.0, 1.0)
+        return cos, torch.rad2deg(torch.arccos(cos))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FID
+# --------------------------------------------------------------------------------------------------------------
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InceptionFeatures:
+    """2048-d pool3 features (global average pool before `fc`) of torchvision's Inception-v3.
+
+    weights: torchvision's `inception_v3` ImageNet state_dict (inception_v3_google-0cc3c7bd.pth layout, with the
+    AuxLogits head) from a path / fsspec URI; None looks in the torch hub cache; RANDOM_INIT for tests.
+    Inputs in [0, 1] are resized to 299x299 (bilinear, align_corners=False, no antialias by default, as
+    pytorch-fid resizes), normalised with the ImageNet mean/std and passed through the model with
+    transform_input=True, exactly as torchvision runs these weights (together equivalent to 2x - 1).
+
+    This is NOT the TF-FID number of the FID literature: that uses the 2015 TensorFlow Inception graph
+    (pytorch-fid's `pt_inception-2015-12-05` weights with its modified blocks and 1008-class fc); those weights
+    are rejected here by the strict load (fc shape). Compare FIDs only between runs of the same weights and
+    resize settings, and store images as PNG (JPEG changes FID).
+    """
+
+    name = "fid"
+    size = 299
+    dim = 2048
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        sha256: str | None = None,
+        storage_options: dict | None = None,
+        antialias: bool = False,
+    ):
+        from torchvision.models import inception_v3
+
+        uri = _resolve(weights, "Inception-v3 (FID)", HUB_FILES["inception_v3"])
+        kwargs = dict(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+        if uri == RANDOM_INIT:
+            model, self.weights_identity = inception_v3(**kwargs), RANDOM_INIT
+        else:
+            model = _empty(inception_v3, **kwargs)
+            self.weights_identity = _load_into(model, uri, sha256, storage_options)
+        model.aux_logits, model.AuxLogits = False, None  # training-only head
+        model.fc = nn.Identity()  # the forward then returns flatten(avgpool) = pool3, dropout being off in eval
+        self.antialias = antialias
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self._mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 2048) float64 pool3 features."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        x = x.to(self.device, torch.float32)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=self.antialias)
+        return self.model((x - self._mean) / self._std).double()
+
+
+class FIDStats:
+    """Feature statistics accumulated exactly as (count, sum, sum of outer products) in float64.
+
+    Shards update their own FIDStats and are combined with `merge` (plain float64 additions: the result
+    equals a single pass up to rounding); `mean` and `cov` (unbiased, as np.cov) are derived at the end.
+    `to_dict` gives flat float64 arrays for NPZ or a Parquet row (list<double> columns); `from_dict` inverts it.
+    """
+
+    def __init__(self, dim: int = 2048):
+        self.dim = int(dim)
+        self.count = 0
+        self.sum = np.zeros(self.dim, dtype=np.float64)
+        self.sum_outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, features) -> FIDStats:
+        f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+        f = f.astype(np.float64, copy=False)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape (B, {self.dim}), got {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("features contain NaN or inf")
+        self.count += f.shape[0]
+        self.sum += f.sum(axis=0)
+        self.sum_outer += f.T @ f
+        return self
+
+    def merge(self, other: FIDStats) -> FIDStats:
+        """Add another shard's statistics into this one (in place); returns self."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge FID statistics of dimension {other.dim} into {self.dim}")
+        self.count += other.count
+        self.sum += other.sum
+        self.sum_outer += other.sum_outer
+        return self
+
+    @classmethod
+    def merged(cls, parts: Sequence[FIDStats]) -> FIDStats:
+        if not parts:
+            raise ValueError("nothing to merge")
+        out = cls(parts[0].dim)
+        for p in parts:
+            out.merge(p)
+        return out
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count < 1:
+            raise ValueError("no features accumulated")
+        return self.sum / self.count
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (normalised by count - 1, as np.cov with rows as observations)."""
+        if self.count < 2:
+            raise ValueError(f"covariance needs at least 2 features, have {self.count}")
+        mu = self.mean
+        c = (self.sum_outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return (c + c.T) / 2  # exact symmetry
+
+    def to_dict(self) -> dict:
+        return {"dim": self.dim, "count": self.count, "sum": self.sum.copy(), "sum_outer": self.sum_outer.ravel()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FIDStats:
+        out = cls(int(d["dim"]))
+        out.count = int(d["count"])
+        out.sum = np.asarray(d["sum"], dtype=np.float64).reshape(out.dim).copy()
+        out.sum_outer = np.asarray(d["sum_outer"], dtype=np.float64).reshape(out.dim, out.dim).copy()
+        return out
+
+    def to_npz_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **self.to_dict())
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz_bytes(cls, data: bytes) -> FIDStats:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls.from_dict({k: z[k] for k in z.files})
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) (Dowson & Landau), as pytorch-fid computes it.
+
+    scipy.linalg.sqrtm of the product; if it is not finite (singular product), eps is added to both diagonals
+    and it is recomputed; a complex result is accepted when the imaginary parts of its diagonal are negligible
+    (|imag| <= 1e-3) and its real part is used, else ValueError.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary component: {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The suite an actor builds once
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricBatch:
+    """One batch's results: values[name] is float64 (B,) in input order; fid_features[source] is (B, 2048)."""
+
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    fid_features: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+_SOURCES = ("restored", "gt")
+
+
+class MetricSuite:
+    """Builds the requested metrics once on a device and computes them on batches of (restored, gt) pairs.
+
+    names: a subset of METRIC_NAMES. weights: {key: path/URI | None | RANDOM_INIT} for the keys in WEIGHT_KEYS
+    ("lpips_alex", "lpips_vgg": torchvision backbones, None = torch hub cache; "identity": the ArcFace
+    checkpoint for ids/deg; "fid": Inception-v3, None = torch hub cache). sha256 pins checkpoints per key.
+    A metric whose weights are absent is listed in `unavailable` (name -> reason) and yields no values;
+    malformed checkpoints (wrong keys/shapes, digest mismatch) raise. `weights_identity` records what was loaded.
+    fid_sources: which images' Inception features to return for dataset-level FID ("restored" and/or "gt").
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        device: str | torch.device = "cpu",
+        weights: Mapping[str, str | None] | None = None,
+        storage_options: dict | None = None,
+        *,
+        sha256: Mapping[str, str | None] | None = None,
+        fid_sources: Sequence[str] = _SOURCES,
+        identity_crop: tuple[float, float, float, float] | None = None,
+    ):
+        names = list(dict.fromkeys(names))
+        bad = [n for n in names if n not in METRIC_NAMES]
+        if bad:
+            raise ValueError(f"unknown metrics {bad}; known: {list(METRIC_NAMES)}")
+        weights, sha256 = dict(weights or {}), dict(sha256 or {})
+        bad = [k for k in list(weights) + list(sha256) if k not in WEIGHT_KEYS]
+        if bad:
+            raise ValueError(f"unknown weights keys {bad}; known: {list(WEIGHT_KEYS)}")
+        bad = [s for s in fid_sources if s not in _SOURCES]
+        if bad:
+            raise ValueError(f"fid_sources must be among {_SOURCES}, got {bad}")
+        self.names = names
+        self.device = torch.device(device)
+        self.fid_sources = tuple(fid_sources)
+        self.unavailable: dict[str, str] = {}
+        self.weights_identity: dict[str, str] = {}
+        self.lpips: dict[str, LPIPSMetric] = {}
+        self.identity: IdentityEmbedder | None = None
+        self.inception: InceptionFeatures | None = None
+        common = dict(device=self.device, storage_options=storage_options)
+
+        def build(metric_names: list[str], key: str, factory):
+            try:
+                model = factory(weights.get(key), sha256=sha256.get(key), **common)
+            except MetricUnavailableError as e:
+                for n in metric_names:
+                    self.unavailable[n] = str(e)
+                return None
+            for n in metric_names:
+                self.weights_identity[n] = model.weights_identity
+            return model
+
+        for net in ("alex", "vgg"):
+            if f"lpips_{net}" in names:
+                m = build([f"lpips_{net}"], f"lpips_{net}", lambda w, net=net, **kw: LPIPSMetric(net, w, **kw))
+                if m is not None:
+                    self.lpips[m.name] = m
+        id_names = [n for n in ("ids", "deg") if n in names]
+        if id_names:
+            self.identity = build(id_names, "identity", lambda w, **kw: IdentityEmbedder(w, crop=identity_crop, **kw))
+        if "fid" in names:
+            self.inception = build(["fid"], "fid", lambda w, **kw: InceptionFeatures(w, **kw))
+
+    @property
+    def available(self) -> list[str]:
+        return [n for n in self.names if n not in self.unavailable]
+
+    def __call__(self, restored, gt) -> MetricBatch:
+        """restored, gt: uint8 RGB (B, H, W, 3) numpy arrays or tensors, or sequences of (H, W, 3) uint8 arrays
+        (sizes may differ between pairs: pairs of equal size are batched together). Values come back in input
+        order; "fid" has no per-image value: its features are in `fid_features`.
+        """
+        groups, n = _group_pairs(restored, gt)
+        out = MetricBatch(unavailable=dict(self.unavailable))
+        per_image = [m for m in self.available if m != "fid"]
+        vals = {m: np.empty(n, dtype=np.float64) for m in per_image}
+        feats = {s: np.empty((n, InceptionFeatures.dim)) for s in self.fid_sources} if self.inception else {}
+        groups = [grp for grp in groups if len(grp[0])]  # an empty batch yields empty arrays
+        for idx, r8, g8 in groups:
+            r8, g8 = r8.to(self.device), g8.to(self.device)
+            for m, v in self._compute(r8, g8, per_image).items():
+                vals[m][idx] = v
+            if self.inception is not None:
+                for s, t in zip(_SOURCES, (r8, g8)):
+                    if s in feats:
+                        feats[s][idx] = self.inception(_unit(t, torch.float32)).cpu().numpy()
+        out.values = vals
+        out.fid_features = feats
+        return out
+
+    def _compute(self, r8: torch.Tensor, g8: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+        res: dict[str, torch.Tensor] = {}
+        wd = _work_dtype(self.device)
+        if any(m.startswith(("psnr", "ssim")) for m in names):
+            r, g = _unit(r8, wd), _unit(g8, wd)
+            for m in names:
+                if m in ("psnr_rgb", "psnr_y"):
+                    res[m] = psnr(r, g, y_channel=m.endswith("_y"))
+                elif m in ("ssim_rgb", "ssim_y"):
+                    res[m] = ssim(r, g, y_channel=m.endswith("_y"))
+        r32, g32 = _unit(r8, torch.float32), _unit(g8, torch.float32)
+        for m in names:
+            if m in self.lpips:
+                res[m] = self.lpips[m](r32, g32)
+        if self.identity is not None and ("ids" in names or "deg" in names):
+            cos, deg = self.identity.compare(r32, g32)
+            res.update({k: v for k, v in (("ids", cos), ("deg", deg)) if k in names})
+        return {k: v.detach().double().cpu().numpy() for k, v in res.items()}
+
+
+def _unit(x8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> dtype in [0, 1] (x / 255, exact in float64)."""
+    return x8.to(dtype) / 255.0
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def _to_u8_nchw(a, what: str) -> torch.Tensor:
+    t = _as_tensor(a)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{what}: expected uint8 images, got {t.dtype}")
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"{what}: expected RGB images of shape (B, H, W, 3), got {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def _group_pairs(restored, gt) -> tuple[list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], int]:
+    """[(indices, restored u8 (b,3,H,W), gt u8 (b,3,H,W))] with one group per image size, and the count."""
+    def batched(a) -> bool:
+        return (isinstance(a, torch.Tensor) or (isinstance(a, np.ndarray) and a.dtype != object)) and a.ndim == 4
+
+    if batched(restored) and batched(gt):
+        r, g = _to_u8_nchw(restored, "restored"), _to_u8_nchw(gt, "gt")
+        if r.shape != g.shape:
+            raise ValueError(f"restored and gt batches differ in shape: {tuple(r.shape)} vs {tuple(g.shape)}")
+        return [(np.arange(r.shape[0]), r, g)], r.shape[0]
+    rs, gs = list(restored), list(gt)
+    if len(rs) != len(gs):
+        raise ValueError(f"{len(rs)} restored images but {len(gs)} gt images")
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (a, b) in enumerate(zip(rs, gs)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"pair {i}: restored {tuple(a.shape)} and gt {tuple(b.shape)} differ in size")
+        by_shape.setdefault(tuple(a.shape), []).append(i)
+    groups = []
+    for idx in by_shape.values():
+        r = _to_u8_nchw(torch.stack([_as_tensor(rs[i]) for i in idx]), "restored")
+        g = _to_u8_nchw(torch.stack([_as_tensor(gs[i]) for i in idx]), "gt")
+        groups.append((np.asarray(idx), r, g))
+    return groups, len(rs)

@@ -1,0 +1,118 @@
+"""Restoration stages: DR2 then an enhancement module, on one device (shared) or as two actor pools.
+
+shared: one actor runs DR2 and hands its float x0-hat straight to the enhancer (as the reference does:
+clamp, bicubic 256 -> 512). separate: DR2 actors emit the uint8 intermediate, enhancer actors read it;
+this lets the two pools scale independently at the cost of one quantisation and a transfer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.enhancers import BUILTIN, enhance
+from tasks.config import opt
+from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, resolve_device, to_model_range, to_uint8
+from tasks.weights import RANDOM_INIT, load_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnhancerConfig:
+    name: str = opt("sparnethd", "enhancement module: none | bicubic | sparnethd | a plug-in class "
+                                 "'package.module:Class' (called on (B,3,S,S) in [-1,1], returns [-1,1])")
+    weights: str | None = opt(None, "enhancer weights (SPARNetHD_FFHQ_DR2aug.pth ...), path or fsspec URI")
+    sha256: str | None = opt(None, "expected sha256 of the enhancer weights")
+    size: int = opt(512, "hand-over size: DR2's 256 output is clamped and bicubic-resized to this")
+    kwargs: dict = opt({}, "constructor arguments for the enhancer class (e.g. {min_ch: 16, size: 64})")
+    allow_random_weights: bool = opt(False, "run the enhancer without weights (random-init; demo/tests only)")
+
+
+def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: dict | None = None):
+    """(enhancer, hand-over size or None, weights identity)."""
+    if cfg.name in ("none", "bicubic"):
+        return BUILTIN[cfg.name]().to(device), (None if cfg.name == "none" else cfg.size), cfg.name
+    if cfg.name in BUILTIN:
+        factory = BUILTIN[cfg.name]
+        kwargs = {"config": cfg.kwargs} if cfg.kwargs else {}
+    else:
+        module, _, cls = cfg.name.partition(":")
+        if not cls:
+            raise ValueError(f"enhancer.name {cfg.name!r}: expected none, bicubic, sparnethd or 'module:Class'")
+        factory, kwargs = getattr(importlib.import_module(module), cls), dict(cfg.kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random-init enhancer is the same in every actor
+        model = factory(**kwargs)
+    if isinstance(model, torch.nn.Module):
+        model = model.eval().requires_grad_(False)
+    has_params = isinstance(model, torch.nn.Module) and any(True for _ in model.parameters())
+    if cfg.weights:
+        identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options)
+    elif not has_params:
+        identity = cfg.name
+    elif cfg.allow_random_weights:
+        identity = f"{RANDOM_INIT}:{cfg.name}"
+    else:
+        raise RuntimeError(f"no weights configured for enhancer {cfg.name!r}: set enhancer.weights (e.g. "
+                           "SPARNetHD_FFHQ_DR2aug.pth), or enhancer.allow_random_weights for a demo whose "
+                           "outputs are NOT restorations")
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device)
+    return model, cfg.size if cfg.name != "none" else None, identity
+
+
+class RestoreStage:
+    """Shared topology: DR2 and the enhancer in one actor. Adds 'dr2' (uint8 256) and 'restored'."""
+
+    def __init__(self, dr2: DR2Config, enhancer: EnhancerConfig, runtime: RuntimeConfig, seed: int,
+                 storage_options: dict | None = None):
+        self.dr2 = DR2Stage(dr2, runtime, seed, storage_options)
+        self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.dr2.device, storage_options)
+
+    def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.dr2.autocast is not None:
+            with torch.autocast("cuda", dtype=self.dr2.autocast):
+                return enhance(self.enhancer, x0, self.size)
+        return enhance(self.enhancer, x0, self.size)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok, ids, params = self.dr2.ok_rows(batch)
+        n, s = len(batch["id"]), batch["image"].shape[1]
+        out_size = self.size or s
+        dr2 = np.zeros((n, s, s, 3), np.uint8)
+        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
+        if len(ok):
+            x0 = self.dr2.restore_float(batch["image"][ok], ids, params)
+            dr2[ok] = to_uint8(x0)
+            restored[ok] = to_uint8(self._enhance(x0))
+        batch["dr2"], batch["restored"] = dr2, restored
+        self.dr2.annotate(batch)
+        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
+        return batch
+
+
+class EnhanceStage:
+    """Separate topology: the enhancer alone, reading DR2's uint8 intermediate."""
+
+    def __init__(self, enhancer: EnhancerConfig, runtime: RuntimeConfig, storage_options: dict | None = None):
+        self.device = resolve_device(runtime.device)
+        self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.device, storage_options)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.flatnonzero(batch["status"] == "ok")
+        n, s = len(batch["id"]), batch["dr2"].shape[1]
+        out_size = self.size or s
+        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
+        if len(ok):
+            x0 = to_model_range(batch["dr2"][ok], self.device)
+            restored[ok] = to_uint8(enhance(self.enhancer, x0, self.size))
+        batch["restored"] = restored
+        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
+        return batch

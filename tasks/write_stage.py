@@ -1,0 +1,52 @@
+"""The image-writing stage (CPU tasks): PNG-encode pixel columns and write them under the output prefix.
+
+Files go to <output>/<name>/<stem>.png, deterministic per sample, so a retried or rerun sample
+overwrites its own files. Pixel columns are dropped here: what flows on to the manifest writer is
+one small row per sample, with the written URI in the column <name>.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.images import encode_png
+from tasks.storage import get_fs, join_under, write_bytes
+
+PIXEL_COLUMNS = ("image", "dr2", "restored", "lq_pixels")
+
+
+class WriteImages:
+    """Ray Data batch function. `images` maps an output name (dir and manifest column) to a pixel column."""
+
+    def __init__(self, output: str, images: dict[str, str], png_compression: int = 3,
+                 storage_options: dict | None = None):
+        self.output, self.images, self.storage_options = output, images, storage_options
+        self.png_compression = png_compression
+        self.roots = {name: join_under(output, name) for name in images}
+
+    def pixels(self, batch: dict[str, np.ndarray], k: int, name: str) -> np.ndarray:
+        """Row k's image for output `name` (override to transform, e.g. blur)."""
+        return batch[self.images[name]][k]
+
+    def _put(self, name: str, stem: str, rgb: np.ndarray) -> str:
+        uri = join_under(self.roots[name], stem + ".png")
+        fs, path = get_fs(uri, self.storage_options)
+        write_bytes(fs, path, encode_png(rgb, self.png_compression))
+        return uri
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        uris = {name: [""] * n for name in self.images}
+        status, error = list(batch["status"]), list(batch["error"])
+        for k in range(n):
+            if status[k] != "ok":
+                continue
+            try:
+                for name in self.images:
+                    uris[name][k] = self._put(name, str(batch["stem"][k]), self.pixels(batch, k, name))
+            except Exception as e:  # a failed write is this sample's error row (--resume.retry-errors redoes it)
+                status[k], error[k] = "error", f"write failed: {type(e).__name__}: {e}"
+        out = {k: v for k, v in batch.items() if k not in PIXEL_COLUMNS}
+        out.update({name: np.array(v, dtype=object) for name, v in uris.items()})
+        out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object))
+        return out

@@ -1,0 +1,148 @@
+"""Bulk restoration of an archive of aligned faces: DR2, then an enhancement module, with a Parquet manifest.
+
+    python workflows/restore.py --input s3://archive/faces/ --output s3://restored/ \\
+        --dr2.weights s3://models/DR2_FFHQ.pkl --enhancer.weights s3://models/SPARNetHD_FFHQ_DR2aug.pth
+
+Stages: list -> read+decode+resize (CPU tasks) -> DR2 + enhancer (one actor pool sharing each GPU, or two
+pools) -> encode+write (CPU tasks) -> manifest shard. (N, tau) per dataset from the config, or per sample
+from `N`/`tau` columns of a Parquet/CSV input list. Resume, error rows and summary as augment.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+
+from tasks.config import load, opt
+from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.load_stage import ImageConfig, LoadFaces
+from tasks.manifest import ManifestWriter
+from tasks.pipeline import (
+    ROOT,
+    ClusterConfig,
+    ResumeConfig,
+    Summary,
+    absolute_output,
+    actor_pool,
+    as_task,
+    blocks,
+    code_version,
+    config_hash,
+    describe_storage,
+    drain,
+    finish,
+    init_ray,
+    plan,
+    setup_logging,
+)
+from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.weights import RANDOM_INIT, check_weights_exist
+from tasks.write_stage import WriteImages
+
+log = logging.getLogger("restore")
+
+MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
+                    ("enhancer_weights", pa.string()), ("restored", pa.string()), ("dr2", pa.string())]
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dr2: bool = opt(False, "also write DR2's 256x256 intermediate under dr2/")
+    png_compression: int = opt(3, "PNG compression level 0-9 (lossless at every level)")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    input: str = opt("data/samples", "LQ aligned faces: folder/prefix, glob, or .parquet/.csv list with a 'uri' "
+                                     "column (optional 'id', 'N', 'tau' columns for per-sample settings)")
+    output: str = opt("out/restore", "output prefix: restored/, dr2/, manifest/ and _summary.json go under it")
+    seed: int = opt(0, "job seed: a sample's noise depends only on (seed, sample id)")
+    storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
+    topology: str = opt("shared", "shared: DR2 and the enhancer in one actor per GPU (no intermediate copy); "
+                                  "separate: two actor pools (scale them independently)")
+    image: ImageConfig = ImageConfig()
+    dr2: DR2Config = DR2Config()
+    enhancer: EnhancerConfig = EnhancerConfig()
+    write: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    resume: ResumeConfig = ResumeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+
+def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
+    so = cfg.storage_options or None
+    pool, gpus = actor_pool(cfg.runtime, ray)
+    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+                                specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
+                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
+                 compute=ray.data.ActorPoolStrategy(size=pool))
+    if cfg.topology == "shared":
+        ds = ds.map_batches(RestoreStage, fn_constructor_kwargs=dict(
+            dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
+            num_gpus=gpus, **actor)
+    elif cfg.topology == "separate":
+        half = gpus / 2 if gpus else 0.0  # both pools share each GPU
+        ds = ds.map_batches(DR2Stage, fn_constructor_kwargs=dict(
+            dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so), num_gpus=half, **actor)
+        ds = ds.map_batches(EnhanceStage, fn_constructor_kwargs=dict(
+            enhancer=cfg.enhancer, runtime=cfg.runtime, storage_options=so), num_gpus=half, **actor)
+    else:
+        raise ValueError(f"topology must be 'shared' or 'separate', got {cfg.topology!r}")
+    images = {"restored": "restored", **({"dr2": "dr2"} if cfg.write.dr2 else {})}
+    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images=images,
+                                png_compression=cfg.write.png_compression, storage_options=so),
+                        batch_size=cfg.runtime.batch_size, num_cpus=1)
+    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS,
+                                storage_options=so, constants={"job_seed": cfg.seed, "code_version": version,
+                                                               "config_hash": config_hash(cfg),
+                                                               "enhancer": cfg.enhancer.name}),
+                        batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
+    return ds
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: RestoreConfig = load(RestoreConfig, argv, __doc__, ROOT / "configs" / "restore.yaml")
+    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
+    setup_logging()
+    so = cfg.storage_options or None
+    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
+    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    if cfg.enhancer.weights:
+        check_weights_exist(cfg.enhancer.weights, so)
+    if not weights and not cfg.dr2.allow_random_weights:
+        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
+                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+        return 2
+    version = code_version()
+    random_label = RANDOM_INIT + (":tiny" if cfg.dr2.architecture == "tiny" else "")
+    summary = Summary("restore", cfg.output, weights=weights or random_label, code_version=version,
+                      config_hash=config_hash(cfg))
+    random_parts = [p for p, w in (("DR2", weights), ("enhancer", cfg.enhancer.weights or
+                                                       cfg.enhancer.name in ("none", "bicubic"))) if not w]
+    if random_parts:
+        banner = (f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are NOT "
+                  "restorations. The manifest's weights columns say random-init.")
+        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
+        summary.notes.append(banner)
+    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
+    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
+    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
+    if len(p.todo):
+        ray = init_ray(cfg.cluster)
+        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+    finish(summary, so)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
