@@ -8,7 +8,7 @@ from tests.s3server import s3_server  # noqa: F401  (session-scoped S3 server on
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server):
+def ray_local(s3_server):  # noqa: F811  (the fixture imported above)
     """A real local Ray for one test module; workers get the S3 test server's credentials via env vars."""
     import ray
 

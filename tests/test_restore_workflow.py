@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from models.enhancers import enhance, handover
 from models.sparnethd import from_config as sparnet_from_config
-from tasks.dr2_stage import RuntimeConfig
 from tasks.manifest import read_manifest
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from workflows.restore import main as restore
