@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.storage import get_fs, join_under, write_bytes
+from tasks.weights import RANDOM_INIT
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def manifest_prefix(output: str) -> str:
 
 def shard_name(ids: Iterable[str]) -> str:
     h = hashlib.blake2b(digest_size=12)
-    for i in sorted(ids):
+    for i in sorted(set(ids)):
         h.update(i.encode())
         h.update(b"\0")
     return f"part-{h.hexdigest()}.parquet"
@@ -81,7 +82,7 @@ def _shard_paths(output: str, storage_options: dict | None) -> tuple[object, lis
 
 def read_manifest(output: str, storage_options: dict | None = None, columns: list[str] | None = None
                   ) -> pd.DataFrame:
-    """All committed rows; a sample that appears in several shards (a retry) keeps its latest row."""
+    """All committed rows; a row that appears in several shards (a retry) keeps its latest version."""
     fs, paths = _shard_paths(output, storage_options)
     frames = []
     for p in paths:
@@ -95,7 +96,8 @@ def read_manifest(output: str, storage_options: dict | None = None, columns: lis
     df = pd.concat(frames, ignore_index=True)
     if "processed_at" in df.columns:
         df = df.sort_values("processed_at", kind="stable")
-    return df.drop_duplicates("id", keep="last").reset_index(drop=True)
+    key = ["id", "method"] if "method" in df.columns else ["id"]  # benchmark rows: one per (sample, method)
+    return df.drop_duplicates(key, keep="last").reset_index(drop=True)
 
 
 def committed_ids(output: str, storage_options: dict | None = None, retry_errors: bool = False) -> set[str]:
@@ -138,7 +140,7 @@ class ManifestWriter:
             elif f.name not in batch and f.name != "random_weights":
                 values = [None] * n  # an optional output that this run did not produce
             elif f.name == "random_weights":
-                values = [str(w).startswith("random-init") for w in batch["weights"]]
+                values = [RANDOM_INIT in str(w) for w in batch["weights"]] if "weights" in batch else [None] * n
             else:
                 values = [None if v is None or (isinstance(v, str) and v == "" and f.name == "error") else v
                           for v in list(batch[f.name])]

@@ -9,8 +9,11 @@ under `<output>/report/`:
   its files);
 - `plots/<metric>.png`: the metric's mean against the degradation level (levels ordered by `deg_scale`),
   one line per method, with standard-error bars;
-- `grids/<n>.png`: input | each method's output | ground truth for a few samples spread over the levels
-  (one grid per level, one row per sample), with column titles and each output's scores written on it;
+- `grids/<n>.png`: input | each method's output | ground truth for `grid_samples` samples spread over the
+  levels, mildest first (one row per sample, up to 6 rows per grid; tiles `tile` px, default 256; height is
+  grid_header_height(tile) + rows * tile, width columns * tile), with column titles, the sample id / level /
+  scale on the input and each output's scores (or its error) written on it; a method whose output is the
+  input itself (e.g. "input") gets no column;
 - `aggregate.csv`: the table `aggregate` returns.
 
 Everything is a pure function of the manifest rows (sorted first, so the row order does not matter), the
@@ -40,7 +43,9 @@ import pandas as pd
 from tasks.images import decode_image, encode_png
 from tasks.storage import get_fs, join_under, redact, write_bytes
 
-__all__ = ["METRICS", "aggregate", "choose_grid_samples", "level_order", "method_order", "write_report"]
+__all__ = [
+    "METRICS", "aggregate", "choose_grid_samples", "grid_header_height", "level_order", "method_order", "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +224,7 @@ class Cell:
     bold: bool = False
     note: str = ""  # small trailing remark, e.g. "(n=9)"
     num: bool = False  # right-aligned numeric cell
+    warn: bool = False  # something went wrong here (error counts): bold, and red in HTML
 
 
 @dataclass
@@ -239,7 +245,7 @@ class Image:
 
 @dataclass
 class Block:
-    kind: str  # "h2", "h3", "p", "table", "img", "list"
+    kind: str  # "h2", "h3", "p", "table", "img", "gallery" (list of Image), "list"
     content: object
 
 
@@ -274,7 +280,7 @@ def _metric_table(agg: pd.DataFrame, level: str, methods: list[str], metrics: li
     for i, x in enumerate(present):
         n_err = int(part.loc[x, "n_error"])
         rows.append([Cell(x), Cell(str(int(part.loc[x, "n_ok"])), num=True),
-                     Cell(str(n_err) if n_err else "0", num=True)] + [c[i] for c in cols])
+                     Cell(str(n_err), num=True, warn=n_err > 0)] + [c[i] for c in cols])
     return Table(header, rows)
 
 
@@ -352,7 +358,14 @@ def _build(d: pd.DataFrame, agg: pd.DataFrame, *, fid, unavailable, meta, plots:
 
     if plots:
         add(Block("h2", "Metrics by degradation level"))
-        for img in plots:
+        add(Block("gallery", plots))
+
+    if grids:
+        add(Block("h2", "Examples"))
+        add(Block("p", "Columns: degraded input | each method's output (with its scores) | ground truth. "
+                       "Samples are spread over the degradation levels."))
+        for img, heading in grids:
+            add(Block("h3", heading))
             add(Block("img", img))
 
     add(Block("h2", "Tables by degradation level"))
@@ -366,20 +379,12 @@ def _build(d: pd.DataFrame, agg: pd.DataFrame, *, fid, unavailable, meta, plots:
         if metrics:
             add(Block("table", _metric_table(agg, level, methods, metrics)))
 
-    if grids:
-        add(Block("h2", "Examples"))
-        add(Block("p", "Columns: degraded input | each method's output (with its scores) | ground truth. "
-                       "Samples are spread over the degradation levels."))
-        for img, heading in grids:
-            add(Block("h3", heading))
-            add(Block("img", img))
-
     add(Block("h2", "Errors"))
     err = d[d["status"] != "ok"]
     counts = agg[agg["level"] == ALL_LEVEL].set_index("method")
     add(Block("table", Table(["method", "rows", "ok", "errors"], [
         [Cell(m), Cell(str(int(counts.loc[m, "n"])), num=True), Cell(str(int(counts.loc[m, "n_ok"])), num=True),
-         Cell(str(int(counts.loc[m, "n_error"])), bold=bool(counts.loc[m, "n_error"]), num=True)]
+         Cell(str(int(counts.loc[m, "n_error"])), warn=bool(counts.loc[m, "n_error"]), num=True)]
         for m in methods if m in counts.index])))
     if len(err):
         msgs = err["error"].fillna("(no message)").astype(str) if "error" in err.columns else \
@@ -410,7 +415,7 @@ def _md(text: str) -> str:
 
 def _md_cell(c: Cell) -> str:
     t = _md(c.text)
-    if c.bold:
+    if c.bold or c.warn:
         t = f"**{t}**"
     return f"{t} {_md(c.note)}" if c.note else t
 
@@ -431,9 +436,9 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
             out.append("|" + "|".join("---:" if c.num else "---" for c in first) + "|")
             out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
             out.append("")
-        elif b.kind == "img":
-            img: Image = b.content
-            out += [f"![{_md(img.alt)}]({img.rel})", ""]
+        elif b.kind in ("img", "gallery"):
+            for img in b.content if b.kind == "gallery" else [b.content]:
+                out += [f"![{_md(img.alt)}]({img.rel})", ""]
     return "\n".join(out)
 
 
@@ -449,9 +454,11 @@ th{background:#f0f3f6;font-weight:600;white-space:nowrap}
 tr:nth-child(even) td{background:#fafbfc}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.best{font-weight:700;background:#dafbe1 !important}
+td.warn{font-weight:700;color:#a40e26;background:#ffebe9 !important}
 td small{color:#6e7781;font-weight:400}
 td.wrap{word-break:break-all;max-width:760px}
 ul.unavail li{margin:2px 0}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:8px 16px}
 figure{margin:10px 0 18px}figure img{max-width:100%;height:auto;border:1px solid #d0d7de}
 figcaption{color:#57606a;font-size:13px}
 nav a{margin-right:12px}
@@ -459,7 +466,7 @@ nav a{margin-right:12px}
 
 
 def _html_cell(c: Cell, tag: str = "td") -> str:
-    cls = [x for x, on in (("num", c.num), ("best", c.bold), ("wrap", len(c.text) > 60)) if on]
+    cls = [x for x, on in (("num", c.num), ("best", c.bold), ("warn", c.warn), ("wrap", len(c.text) > 60)) if on]
     attr = f' class="{" ".join(cls)}"' if cls else ""
     body = html.escape(c.text)
     if c.note:
@@ -493,16 +500,19 @@ def render_html(title: str, blocks: list[Block]) -> str:
                        + "</tr></thead><tbody>")
             out += ["<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in t.rows]
             out.append("</tbody></table>")
-        elif b.kind == "img":
-            img: Image = b.content
-            src = img.rel
-            encoded = base64.b64encode(img.data).decode("ascii") if img.data else ""
-            if encoded and len(encoded) <= budget:
-                budget -= len(encoded)
-                src = f"data:{img.mime};base64,{encoded}"
-            cap = f"<figcaption>{html.escape(img.caption)}</figcaption>" if img.caption else ""
-            out.append(f'<figure><a href="{html.escape(img.rel)}"><img src="{html.escape(src)}" '
-                       f'alt="{html.escape(img.alt)}" loading="lazy"></a>{cap}</figure>')
+        elif b.kind in ("img", "gallery"):
+            figures = []
+            for img in b.content if b.kind == "gallery" else [b.content]:
+                src = img.rel
+                encoded = base64.b64encode(img.data).decode("ascii") if img.data else ""
+                if encoded and len(encoded) <= budget:
+                    budget -= len(encoded)
+                    src = f"data:{img.mime};base64,{encoded}"
+                cap = f"<figcaption>{html.escape(img.caption)}</figcaption>" if img.caption else ""
+                figures.append(f'<figure><a href="{html.escape(img.rel)}"><img src="{html.escape(src)}" '
+                               f'alt="{html.escape(img.alt)}"></a>{cap}</figure>')
+            out.append('<div class="plots">' + "".join(figures) + "</div>" if b.kind == "gallery"
+                       else figures[0])
     out.append("</main></body></html>")
     return "\n".join(out) + "\n"
 
@@ -521,7 +531,7 @@ def _plot_metric(d: pd.DataFrame, agg: pd.DataFrame, metric: str, methods: list[
 
     ok = d[d["status"] == "ok"]
     sem = ok.groupby(["method", "deg_level"])[metric].sem()
-    fig = Figure(figsize=(8.0, 4.6), dpi=110)
+    fig = Figure(figsize=(6.6, 4.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(levels))
@@ -552,12 +562,15 @@ def _plot_metric(d: pd.DataFrame, agg: pd.DataFrame, metric: str, methods: list[
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        if len(handles) > 4 or max(len(s) for s in labels) > 18:
-            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
-        else:
-            ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
-    fig.tight_layout()
+    right = 0.97
+    if handles and (len(handles) > 5 or max(len(s) for s in labels) > 22):  # many or long names: beside
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+        extra = 0.7 + 0.065 * min(40, max(len(s) for s in labels))  # inches the legend needs
+        fig.set_size_inches(6.6 + extra, 4.0)
+        right = 1 - (extra + 0.1) / (6.6 + extra)
+    elif handles:
+        ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
+    fig.subplots_adjust(left=0.11, right=right, top=0.91, bottom=0.2)  # fixed: tight_layout costs a draw
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
@@ -659,15 +672,17 @@ def _render_grid(samples: list[dict], columns: list[tuple[str, str]], tile: int)
             if rgb is None:
                 base.rectangle([x0, y0, x0 + tile - 1, y0 + tile - 1], fill=(60, 60, 60))
                 font, text = _fit(why, tile - 16, max(11, round(tile * 0.07)))
-                base.text((x0 + 8, y0 + tile / 2 - 8), text, font=font, fill=(235, 235, 235))
+                base.text((x0 + (tile - _text_width(font, text)) / 2, y0 + tile / 2 - font.size / 2), text,
+                          font=font, fill=(235, 235, 235))
             else:
                 canvas.paste(PILImage.fromarray(rgb, "RGB"), (x0, y0))
             if cap:
                 _caption(draw, tile, x0, y0, cap, top=False, color=cap_color)
         _caption(draw, tile, 0, y0, s["label"], top=True)
-    # column separators
-    for j in range(1, len(columns)):
+    for j in range(1, len(columns)):  # thin white separators between tiles
         base.line([(j * tile, head), (j * tile, H)], fill=(255, 255, 255), width=1)
+    for i in range(1, len(samples)):
+        base.line([(0, head + i * tile), (W, head + i * tile)], fill=(255, 255, 255), width=1)
     out = PILImage.alpha_composite(canvas, overlay).convert("RGB")
     return np.asarray(out)
 
@@ -693,8 +708,8 @@ def _grid_metrics(metrics: list[str]) -> list[str]:
 
 
 def _build_grids(d: pd.DataFrame, ids: list[str], methods: list[str], metrics: list[str], tile: int,
-                 storage_options, max_rows: int = 4) -> list[tuple[str, str, np.ndarray]]:
-    """[(file name, heading, rgb)] with one grid per degradation level (split after max_rows samples)."""
+                 storage_options, max_rows: int = 6) -> list[tuple[str, str, np.ndarray]]:
+    """[(file name, heading, rgb)]: the samples in order, max_rows per grid, one row per sample."""
     if not ids:
         return []
     sel = d[d["id"].isin(ids)]
@@ -746,17 +761,12 @@ def _build_grids(d: pd.DataFrame, ids: list[str], methods: list[str], metrics: l
         scale = first(g, "deg_scale")
         label = f"{i} · {level}" + (f" · ×{float(scale):.2f}" if scale is not None else "")
         samples.append({"id": i, "level": level, "label": label, "cells": cells})
-    grids, chunk = [], []
-    for s in samples:
-        if chunk and (s["level"] != chunk[-1]["level"] or len(chunk) == max_rows):
-            grids.append(chunk)
-            chunk = []
-        chunk.append(s)
-    if chunk:
-        grids.append(chunk)
     out = []
-    for n, chunk in enumerate(grids):
-        heading = f"Level {chunk[0]['level']}: " + ", ".join(s["id"] for s in chunk)
+    for n, start in enumerate(range(0, len(samples), max_rows)):
+        chunk = samples[start:start + max_rows]
+        levels = list(dict.fromkeys(s["level"] for s in chunk))
+        heading = (f"Samples {', '.join(s['id'] for s in chunk)} (level{'s' if len(levels) > 1 else ''} "
+                   f"{', '.join(levels)})")
         out.append((f"{n}.png", heading, _render_grid(chunk, columns, tile)))
     return out
 
@@ -794,7 +804,7 @@ def write_report(df: pd.DataFrame, output: str, *, fid: Mapping | None = None, u
         files[rel] = encode_png(rgb)
         ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])
         preview = jpg.tobytes() if ok else files[rel]
-        grids.append((Image(rel, heading, caption=f"{rgb.shape[0] // tile} samples; full size: {rel}",
+        grids.append((Image(rel, heading, caption=f"full size: {rel}",
                             data=preview, mime="image/jpeg" if ok else "image/png"), heading))
 
     title, blocks = _build(d, agg, fid=fid or {}, unavailable=unavailable, meta=meta or {}, plots=plots,

@@ -19,8 +19,9 @@ class WriteImages:
     """Ray Data batch function. `images` maps an output name (dir and manifest column) to a pixel column."""
 
     def __init__(self, output: str, images: dict[str, str], png_compression: int = 3,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, keep_pixels: bool = False):
         self.output, self.images, self.storage_options = output, images, storage_options
+        self.keep_pixels = keep_pixels  # a later stage still needs the arrays
         self.png_compression = png_compression
         self.roots = {name: join_under(output, name) for name in images}
 
@@ -46,7 +47,7 @@ class WriteImages:
                     uris[name][k] = self._put(name, str(batch["stem"][k]), self.pixels(batch, k, name))
             except Exception as e:  # a failed write is this sample's error row (--resume.retry-errors redoes it)
                 status[k], error[k] = "error", f"write failed: {type(e).__name__}: {e}"
-        out = {k: v for k, v in batch.items() if k not in PIXEL_COLUMNS}
+        out = {k: v for k, v in batch.items() if self.keep_pixels or k not in PIXEL_COLUMNS}
         out.update({name: np.array(v, dtype=object) for name, v in uris.items()})
         out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object))
         return out

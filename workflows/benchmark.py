@@ -1,0 +1,179 @@
+"""Benchmark restoration at scale: seeded synthetic degradation -> methods -> metrics -> manifest + report.
+
+    python workflows/benchmark.py --input s3://celeba-hq/512/ --output s3://bench/run1/ \\
+        --dr2.weights s3://models/DR2_FFHQ.pkl --enhancer.weights s3://models/SPARNetHD_FFHQ_DR2aug.pth \\
+        --degradation.preset difface-celeba-test
+
+Stages: list -> read+decode (CPU) -> degrade + write gt/lq (CPU) -> every method + metrics (GPU actors)
+-> write restored images (CPU) -> Inception features + manifest shard (CPU). The manifest has one row
+per (sample, method); at the end FID is computed from the committed feature shards, and a report
+(Markdown + HTML, tables, plots, image grids) is written under <output>/report/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+
+from tasks.benchmark_stage import (
+    DEG_COLUMNS,
+    BenchmarkManifestWriter,
+    BenchmarkStage,
+    DegradationConfig,
+    Degrade,
+    MetricsConfig,
+    fid_scores,
+    parse_methods,
+)
+from tasks.config import load, opt
+from tasks.dr2_stage import DR2Config, RuntimeConfig
+from tasks.load_stage import ImageConfig, LoadFaces
+from tasks.manifest import read_manifest
+from tasks.metrics import METRIC_NAMES
+from tasks.pipeline import (
+    ROOT,
+    ClusterConfig,
+    ResumeConfig,
+    Summary,
+    absolute_output,
+    actor_pool,
+    as_task,
+    blocks,
+    code_version,
+    config_hash,
+    describe_storage,
+    drain,
+    finish,
+    init_ray,
+    plan,
+    setup_logging,
+)
+from tasks.report import write_report
+from tasks.restore_stage import EnhancerConfig
+from tasks.weights import RANDOM_INIT, check_weights_exist
+from tasks.write_stage import WriteImages
+
+log = logging.getLogger("benchmark")
+
+DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg_quality": pa.int64(),
+             "deg_level": pa.string()}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    input: str = opt("data/samples", "HQ aligned faces (the ground truth): folder/prefix, glob or URI list")
+    output: str = opt("out/benchmark", "output prefix: gt/, lq/, restored/<method>/, fid/, manifest/, report/")
+    seed: int = opt(0, "job seed: degradations and DR2 noise depend only on (seed, sample id)")
+    storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
+    model_size: int = opt(256, "DR2's input size: the degraded face is resized to it with PIL bicubic")
+    methods: list[dict] = opt([{"name": "input"}, {"name": "dr2", "N": 4, "tau": 22, "enhancer": "none"},
+                               {"name": "dr2+sparnethd", "N": 4, "tau": 22, "enhancer": "sparnethd"}],
+                              "methods: {name, N, tau, enhancer}; without N the degraded input itself; enhancer "
+                              "none/bicubic or the configured enhancer.name")
+    image: ImageConfig = ImageConfig(size=512)
+    degradation: DegradationConfig = DegradationConfig()
+    dr2: DR2Config = DR2Config()
+    enhancer: EnhancerConfig = EnhancerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    resume: ResumeConfig = ResumeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    report_grid_samples: int = opt(6, "faces shown in the report's image grids")
+
+
+def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
+    metrics = [(m, pa.float64()) for m in cfg.metrics.names if m != "fid" and m in METRIC_NAMES]
+    degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
+    return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
+            ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics]
+
+
+def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
+    so = cfg.storage_options or None
+    pool, gpus = actor_pool(cfg.runtime, ray)
+    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, specs={}),
+                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    ds = ds.map_batches(as_task(Degrade, degradation=cfg.degradation, job_seed=cfg.seed),
+                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"gt": "image", "lq": "lq_pixels"},
+                                storage_options=so, keep_pixels=True),
+                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    ds = ds.map_batches(BenchmarkStage, fn_constructor_kwargs=dict(
+        methods=cfg.methods, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
+        seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
+        batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=pool))
+    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"restored": "restored"}, storage_options=so),
+                        batch_size=cfg.runtime.batch_size * len(cfg.methods), num_cpus=1)
+    ds = ds.map_batches(as_task(BenchmarkManifestWriter, output=cfg.output, columns=manifest_columns(cfg),
+                                storage_options=so, constants={"job_seed": cfg.seed, "code_version": version,
+                                                               "config_hash": config_hash(cfg)}),
+                        batch_size=cfg.cluster.manifest_rows * len(cfg.methods), num_cpus=0.5)
+    return ds
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: BenchmarkConfig = load(BenchmarkConfig, argv, __doc__, ROOT / "configs" / "benchmark.yaml")
+    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
+    parse_methods(cfg.methods)
+    setup_logging()
+    so = cfg.storage_options or None
+    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
+    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    if not weights and not cfg.dr2.allow_random_weights:
+        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
+                  "pipeline demo whose DR2 numbers are NOT those of DR2")
+        return 2
+    version = code_version()
+    summary = Summary("benchmark", cfg.output, weights=weights or RANDOM_INIT, code_version=version,
+                      config_hash=config_hash(cfg))
+    if not weights:
+        banner = "RANDOM-INIT DR2: the DR2 methods' numbers describe an untrained network, not DR2."
+        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
+        summary.notes.append(banner)
+    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
+    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
+    if len(p.todo):
+        ray = init_ray(cfg.cluster)
+        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+    df = read_manifest(cfg.output, so)
+    fid = fid_scores(cfg.output, so) if "fid" in cfg.metrics.names else {}
+    unavailable = _unavailable(cfg, df)
+    if "fid" in cfg.metrics.names and not fid:
+        unavailable.setdefault("fid", "no Inception features were computed")
+    meta = {"input": cfg.input, "degradation": cfg.degradation.custom or cfg.degradation.preset,
+            "methods": json.dumps(cfg.methods), "weights": summary.weights, "code_version": version,
+            "samples": int(df["id"].nunique()) if len(df) else 0}
+    if len(df):
+        written = write_report(df, cfg.output, fid=fid, unavailable=unavailable, meta=meta,
+                               grid_samples=cfg.report_grid_samples, storage_options=so)
+        summary.notes.append(f"report: {written.get('report.html', '')}")
+    summary.notes += [f"FID {m}: {v}" for m, v in fid.items()]
+    finish(summary, so)
+    return 0
+
+
+def _unavailable(cfg: BenchmarkConfig, df) -> dict[str, str]:
+    """Metrics with no value at all, with the reason (asked again of the suite, without building networks)."""
+    from tasks.metrics import MetricSuite
+
+    missing = [m for m in cfg.metrics.names if m != "fid" and (m not in df.columns or df[m].isna().all())]
+    if not missing and "fid" not in cfg.metrics.names:
+        return {}
+    suite = MetricSuite([*missing, *(["fid"] if "fid" in cfg.metrics.names else [])], "cpu",
+                        cfg.metrics.weights, cfg.storage_options or None, sha256=cfg.metrics.sha256)
+    return dict(suite.unavailable) | {m: "no value computed" for m in missing if m not in suite.unavailable}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
