@@ -92,13 +92,17 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                             "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-3000:]
+    submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+              "--", "python", "workflows/augment.py", "--input", str(tmp_path / "in"), "--output", str(out),
+              *[a for a in ARGS if a not in ("--cluster.num-cpus", "2")], "--image.size", "32",
+              "--dr2.N", "2", "--dr2.tau", "5"]
     try:
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--", "python", "workflows/augment.py", "--input", str(tmp_path / "in"), "--output", str(out),
-             *[a for a in ARGS if a not in ("--cluster.num-cpus", "2")], "--image.size", "32",
-             "--dr2.N", "2", "--dr2.tau", "5"],
-            env=env, capture_output=True, text=True, timeout=600)
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up a little after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if job.returncode == 0 or "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
     finally:

@@ -12,6 +12,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tasks import metrics as M
 from tasks.weights import RANDOM_INIT, WeightsError
 
+# lpips builds its trunk with torchvision's deprecated `pretrained=` argument
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torchvision.models._utils")
+
 
 def _pairs(seed=0, n=3, h=37, w=45):
     rng = np.random.default_rng(seed)
@@ -75,6 +78,21 @@ def test_ssim_matches_skimage_rgb_and_y():
         M.ssim(_t(r[:, :10]), _t(g[:, :10]))
 
 
+def test_psnr_ssim_match_skimage_on_a_natural_image():
+    from skimage.data import astronaut
+
+    gt = astronaut()[40:200, 150:310]  # 160x160 face crop
+    rng = np.random.default_rng(9)
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(gt).permute(2, 0, 1).float()[None], 3, 1, 1)
+    res = np.clip(blurred[0].permute(1, 2, 0).numpy() + rng.normal(0, 4, gt.shape), 0, 255).round().astype(np.uint8)
+    r, g = _t(res[None]), _t(gt[None])
+    assert abs(M.ssim(r, g).item() - _sk_ssim(res / 255.0, gt / 255.0)) < 1e-10
+    assert abs(M.ssim(r, g, y_channel=True).item() - _sk_ssim(_y_np(res), _y_np(gt), channel_axis=None)) < 1e-10
+    assert abs(M.psnr(r, g).item() - peak_signal_noise_ratio(gt / 255.0, res / 255.0, data_range=1.0)) < 1e-10
+    assert abs(M.psnr(r, g, y_channel=True).item()
+               - peak_signal_noise_ratio(_y_np(gt), _y_np(res), data_range=1.0)) < 1e-10
+
+
 def test_ssim_is_valid_filtering_not_padded():
     """The score is the mean of the (H-10) x (W-10) map of a direct 2-D 11x11 'valid' correlation (no padding)."""
     r, g = _pairs(3, n=1, h=24, w=20)
@@ -91,13 +109,24 @@ def test_ssim_is_valid_filtering_not_padded():
     assert abs(ours.item() - smap.mean().item()) < 1e-12
 
 
-def test_batched_equals_per_image():
+def test_batched_equals_per_image_chunked_and_uint8(monkeypatch):
     r, g = _pairs(4, n=4)
+    r8, g8 = torch.from_numpy(r).permute(0, 3, 1, 2), torch.from_numpy(g).permute(0, 3, 1, 2)
     for fn in (M.psnr, M.ssim):
         for yc in (False, True):
             batched = fn(_t(r), _t(g), y_channel=yc)
             single = torch.cat([fn(_t(r[i : i + 1]), _t(g[i : i + 1]), y_channel=yc) for i in range(4)])
             assert torch.allclose(batched, single, rtol=0, atol=1e-12)
+            assert torch.allclose(fn(r8, g8, y_channel=yc), batched, rtol=0, atol=1e-12)  # uint8 = value / 255
+            with monkeypatch.context() as m:  # tiny chunks: one image, one plane and 2-row bands at a time
+                m.setitem(M._CHUNK_ELEMS, "cpu", 1)
+                m.setattr(M, "_SSIM_BAND_ELEMS_CPU", 100)
+                assert torch.allclose(fn(_t(r), _t(g), y_channel=yc), batched, rtol=0, atol=1e-12)
+    x = _t(r)
+    before = x.clone()
+    M.psnr(x, _t(g))
+    M.ssim(x, _t(g), y_channel=True)
+    assert torch.equal(x, before)  # inputs are never modified in place
 
 
 # ------------------------------------------------------------------------------------------- LPIPS
@@ -430,3 +459,22 @@ def test_suite_unavailable_and_ragged_batches(tmp_path, monkeypatch):
         suite(res[0][None].astype(np.float32), gts[0][None].astype(np.float32))
     with pytest.raises(ValueError, match="differ"):
         suite([res[0]], [gts[1]])
+
+
+def test_bench_metrics_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_metrics.py"
+    spec = importlib.util.spec_from_file_location("bench_metrics", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    result = bench.main(["--sizes", "24", "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                         "--metrics", "psnr_y,ssim_rgb", "--json", str(tmp_path / "b.json")])
+    assert torch.get_num_threads() == threads
+    assert [r["metric"] for r in result["rows"]] == ["psnr_y", "ssim_rgb"]
+    assert all(r["batched_ips"] > 0 and r["loop_ips"] > 0 and r["skimage_ips"] > 0 for r in result["rows"])
+    assert "batched/loop" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["size"] == 24

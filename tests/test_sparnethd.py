@@ -13,7 +13,8 @@ from models.sparnethd import SPARNetHD, from_config, sparnethd_config
 
 # shared/ inside the checkout when present, else the workspace's copy next to it.
 _ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (_ROOT / "shared", _ROOT.parent / "shared") if p.is_dir()), Path("/work/shared"))
+from tests.vectors import SHARED  # noqa: E402  (../shared beside the clone)
+
 LAYOUT = SHARED / "checkpoint-layouts" / "sparnethd512.tsv"
 VECTORS = SHARED / "test-vectors"
 

@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from models.unet import AttentionBlock, UNetModel, difface_unet_config, dr2_unet_config
+from tests.vectors import SHARED  # noqa: E402  (../shared beside the clone)
 
-SHARED = Path("/work/shared")
 LAYOUTS = SHARED / "checkpoint-layouts"
 VECTORS = SHARED / "test-vectors"
 
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared reference files not present")
 
 
 def randomize_parameters(model: nn.Module, seed: int) -> nn.Module:
@@ -64,7 +63,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # Checkpoint layouts of the real models
 
 
-@needs_shared
 @pytest.mark.parametrize(
     "config_fn, layout, n_tensors, n_params",
     [
@@ -102,7 +100,6 @@ def test_full_size_layout_and_strict_load(config_fn, layout, n_tensors, n_params
 # Reference outputs (guided-diffusion / DifFace code, random weights, CPU fp32)
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["tiny_unet", "tiny_difface_unet"])
 def test_tiny_reference_forward(name):
     cfg = json.loads((VECTORS / f"{name}_config.json").read_text())
@@ -124,7 +121,6 @@ def test_tiny_reference_forward(name):
         torch.testing.assert_close(model(x, t), ref, atol=1e-5, rtol=1e-5)
 
 
-@needs_shared
 def test_tiny_dr2_has_attention_and_updown():
     # Guards the tiny reference test's coverage: it exercises legacy attention and up/down ResBlocks.
     model = tiny_model("tiny_unet")
@@ -136,7 +132,6 @@ def test_tiny_dr2_has_attention_and_updown():
 # Timesteps
 
 
-@needs_shared
 def test_per_sample_timesteps_match_single_runs():
     model = tiny_model()
     model.batch_invariant_cpu = False  # exercise the genuinely batched computation
@@ -153,7 +148,6 @@ def test_per_sample_timesteps_match_single_runs():
     assert not torch.allclose(batch[0], same_t[0], atol=1e-3)  # the timestep really conditions the output
 
 
-@needs_shared
 def test_scalar_timestep_broadcast():
     model = tiny_model()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -169,7 +163,6 @@ def test_scalar_timestep_broadcast():
 # Precision and memory format
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["tiny_unet", "tiny_difface_unet"])
 def test_bf16_autocast_close_to_fp32(name):
     model = tiny_model(name)
@@ -184,7 +177,6 @@ def test_bf16_autocast_close_to_fp32(name):
     assert 0 < err < 5e-2, err
 
 
-@needs_shared
 def test_bf16_input_and_fp16_autocast():
     model = tiny_model()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -200,7 +192,6 @@ def test_bf16_input_and_fp16_autocast():
         assert out16.dtype == torch.float32 and rel_err(out16, ref) < 1e-2
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["tiny_unet", "tiny_difface_unet"])
 def test_channels_last_matches_fp32(name):
     model = tiny_model(name)
@@ -219,7 +210,6 @@ def test_channels_last_matches_fp32(name):
 # Batch invariance (CPU fp32): a sample's result must not depend on what it is batched with
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["tiny_unet", "tiny_difface_unet"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_invariance_bit_identical(name, channels_last):
