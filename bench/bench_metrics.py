@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 fn = metric_fn(name, device)
                 for size in sizes:
                     rows.append(run_cell(name, fn, size, args, device))
-                    print(f"#   {name} @ {size}: done", flush=True)
+                    r = rows[-1]
+                    print(f"#   {name} @ {size}: batched {r['batched_ips']:.1f} img/s, per-image {r['loop_ips']:.1f} "
+                          f"img/s, ratio {r['ratio']:.2f}x", flush=True)
         header["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         print(render(rows))
         result = dict(header=header, rows=rows)

@@ -16,6 +16,15 @@ from tasks.weights import RANDOM_INIT, WeightsError
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torchvision.models._utils")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads made the network tests several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _pairs(seed=0, n=3, h=37, w=45):
     rng = np.random.default_rng(seed)
     gt = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
@@ -123,10 +132,11 @@ def test_batched_equals_per_image_chunked_and_uint8(monkeypatch):
                 m.setattr(M, "_SSIM_BAND_ELEMS_CPU", 100)
                 assert torch.allclose(fn(_t(r), _t(g), y_channel=yc), batched, rtol=0, atol=1e-12)
     x = _t(r)
-    before = x.clone()
+    before, threads = x.clone(), torch.get_num_threads()
     M.psnr(x, _t(g))
     M.ssim(x, _t(g), y_channel=True)
     assert torch.equal(x, before)  # inputs are never modified in place
+    assert torch.get_num_threads() == threads  # the single-threaded CPU section restores the setting
 
 
 # ------------------------------------------------------------------------------------------- LPIPS
