@@ -32,10 +32,10 @@ from tasks.benchmark_stage import (
     Degrade,
     MetricsConfig,
     fid_scores,
-    parse_methods,
 )
 from tasks.config import load, opt
 from tasks.dr2_stage import DR2Config, RuntimeConfig
+from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, has_dynamic, parse_methods_with_dynamic
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
 from tasks.metrics import METRIC_NAMES
@@ -78,10 +78,12 @@ class BenchmarkConfig:
     methods: list[dict] = opt([{"name": "input"}, {"name": "dr2", "N": 4, "tau": 22, "enhancer": "none"},
                                {"name": "dr2+sparnethd", "N": 4, "tau": 22, "enhancer": "sparnethd"}],
                               "methods: {name, N, tau, enhancer}; without N the degraded input itself; enhancer "
-                              "none/bicubic or the configured enhancer.name")
+                              "none/bicubic or the configured enhancer.name; {name, dynamic: true, enhancer}: the "
+                              "dynamic method configured by dynamic.*")
     image: ImageConfig = ImageConfig(size=512)
     degradation: DegradationConfig = DegradationConfig()
     dr2: DR2Config = DR2Config()
+    dynamic: DynamicConfig = DynamicConfig()
     enhancer: EnhancerConfig = EnhancerConfig()
     metrics: MetricsConfig = MetricsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -108,8 +110,9 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
     ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"gt": "image", "lq": "lq_pixels"},
                                 storage_options=so, keep_pixels=True),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(BenchmarkStage, fn_constructor_kwargs=dict(
-        methods=cfg.methods, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
+    dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
+    ds = ds.map_batches(DynamicBenchmarkStage if dyn else BenchmarkStage, fn_constructor_kwargs=dict(
+        methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
         seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))
@@ -125,7 +128,7 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
 def main(argv: list[str] | None = None) -> int:
     cfg: BenchmarkConfig = load(BenchmarkConfig, argv, __doc__, ROOT / "configs" / "benchmark.yaml")
     cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
-    parse_methods(cfg.methods)
+    parse_methods_with_dynamic(cfg.methods)
     setup_logging()
     so = cfg.storage_options or None
     log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from tasks.config import load, opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig, DynamicStage
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.pipeline import (
@@ -66,10 +67,13 @@ class RestoreConfig:
     output: str = opt("out/restore", "output prefix: restored/, dr2/, manifest/ and _summary.json go under it")
     seed: int = opt(0, "job seed: a sample's noise depends only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
+    method: str = opt("dr2", "dr2: DR2 then the enhancer | dynamic: DynFaceRestore-style dynamic diffusion "
+                             "(blur estimate -> DSST start -> guided DDIM, see dynamic.*) then the enhancer")
     topology: str = opt("shared", "shared: DR2 and the enhancer in one actor per GPU (no intermediate copy); "
                                   "separate: two actor pools (scale them independently)")
     image: ImageConfig = ImageConfig()
     dr2: DR2Config = DR2Config()
+    dynamic: DynamicConfig = DynamicConfig()
     enhancer: EnhancerConfig = EnhancerConfig()
     write: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -81,12 +85,17 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
+    dynamic = cfg.method == "dynamic"
     ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
-                                specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
+                                specs={} if dynamic else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                  compute=ray.data.ActorPoolStrategy(size=pool))
-    if cfg.topology == "shared":
+    if dynamic:  # one actor: estimator + dynamic sampler + enhancer (topology does not apply)
+        ds = ds.map_batches(DynamicStage, fn_constructor_kwargs=dict(
+            dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
+            num_gpus=gpus, **actor)
+    elif cfg.topology == "shared":
         ds = ds.map_batches(RestoreStage, fn_constructor_kwargs=dict(
             dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
             num_gpus=gpus, **actor)
@@ -102,7 +111,8 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images=images,
                                 png_compression=cfg.write.png_compression, storage_options=so),
                         batch_size=cfg.runtime.batch_size, num_cpus=1)
-    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS,
+    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output,
+                                columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
                                 storage_options=so, constants={"job_seed": cfg.seed, "code_version": version,
                                                                "config_hash": config_hash(cfg),
                                                                "enhancer": cfg.enhancer.name}),
@@ -116,18 +126,29 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     so = cfg.storage_options or None
     log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
-    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    if cfg.method not in ("dr2", "dynamic"):
+        log.error("--method must be dr2 or dynamic, got %r", cfg.method)
+        return 2
+    net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
+    weights = check_weights_exist(net.weights, so) if net.weights else None
     if cfg.enhancer.weights:
         check_weights_exist(cfg.enhancer.weights, so)
-    if not weights and not cfg.dr2.allow_random_weights:
+    if not weights and not net.allow_random_weights:
+        if cfg.method == "dynamic":
+            log.error("no dynamic prior weights configured: pass --dynamic.weights PATH_OR_URI (DR2_FFHQ.pkl for "
+                      "dynamic.prior dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
+                      "--dynamic.allow-random-weights true for a pipeline demo whose outputs are NOT restorations")
+            return 2
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
                   "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
         return 2
     version = code_version()
-    random_label = RANDOM_INIT + (":tiny" if cfg.dr2.architecture == "tiny" else "")
+    random_label = RANDOM_INIT + (f":{cfg.dynamic.prior}" if cfg.method == "dynamic"
+                                  else ":tiny" if cfg.dr2.architecture == "tiny" else "")
     summary = Summary("restore", cfg.output, weights=weights or random_label, code_version=version,
                       config_hash=config_hash(cfg))
-    random_parts = [p for p, w in (("DR2", weights), ("enhancer", cfg.enhancer.weights or
+    net_name = "DYNAMIC PRIOR" if cfg.method == "dynamic" else "DR2"
+    random_parts = [p for p, w in ((net_name, weights), ("enhancer", cfg.enhancer.weights or
                                                        cfg.enhancer.name in ("none", "bicubic"))) if not w]
     if random_parts:
         banner = (f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are NOT "

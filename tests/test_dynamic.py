@@ -1,0 +1,343 @@
+"""Dynamic (DynFaceRestore-style) restoration: the sampler's batching invariants, DSST, the blur estimator,
+the DifFace prior on the ddim250 grid, the learned-DBLM interface, and the restore/benchmark integration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.diffusion import DiffusionSchedule, linear_betas, respaced_linear_schedule
+from models.dynamic import (
+    REF_SIZE,
+    DSSTTable,
+    DynParams,
+    SpectralBlurEstimator,
+    dynamic_model_calls,
+    dynamic_sample,
+    noise_to_signal,
+)
+from models.guidance import blur
+from models.noise import SeededNoise
+from models.unet import UNetModel
+from tasks.dr2_stage import RuntimeConfig
+from tasks.images import resize_to
+from tasks.manifest import read_manifest
+from tests.helpers import randomize_parameters, tiny_unet
+from tests.vectors import VECTORS, config
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+DDIM250 = respaced_linear_schedule(1000, "ddim250")
+CPU = RuntimeConfig(device="cpu")
+
+
+class Counting:
+    """Model wrapper: rows per call and the original timesteps the network was given."""
+
+    def __init__(self, model):
+        self.model, self.rows, self.timesteps = model, [], []
+
+    def __call__(self, x, t):
+        self.rows.append(x.shape[0])
+        self.timesteps.append(t.tolist())
+        return self.model(x, t)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Two cores shared with other test sessions: 2 torch threads contend (a tiny forward goes 0.05 s -> 2.5 s).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return randomize_parameters(tiny_unet(), seed=1).eval()
+
+
+def _inputs(B: int, G: int = 2, size: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(B, 3, size, size, generator=g) * 2 - 1)
+    guides = torch.stack([blur(x, s) for s in (1.5, 0.7)[:G]], 1) if G else x.new_zeros(B, 0, 3, size, size)
+    return x, guides
+
+
+def _params(start, eta=0.0, gamma=0.5, sigmas=(1.5, 0.7), offs=(0, 2)):
+    return DynParams(start=start, eta=eta, sigmas=sigmas, starts=tuple(max(0, start - o) for o in offs), gamma=gamma)
+
+
+@torch.inference_mode()
+def test_mixed_start_steps_in_one_batch_equal_each_sample_alone(net):
+    x, guides = _inputs(4)
+    params = [_params(6, eta=0.3), _params(2, eta=0.0), _params(0, eta=0.5), _params(4, eta=0.2, gamma=0.0)]
+    noise = SeededNoise([11, 12, 13, 14])
+    model = Counting(net)
+    batch = dynamic_sample(model, DDIM250, x, guides, params, noise)
+    assert torch.isfinite(batch).all() and batch.abs().max() <= 1
+    # no forward for a sample before its start: at respaced step i exactly the started samples go through
+    assert model.rows == [sum(p.start >= i for p in params) for i in range(6, -1, -1)]
+    assert sum(model.rows) == dynamic_model_calls(params) == 7 + 3 + 1 + 5
+    assert model.timesteps[0] == [24] and model.timesteps[-1] == [0, 0, 0, 0]  # ddim250: original t = 4 i
+    for b in range(4):
+        alone = dynamic_sample(net, DDIM250, x[b:b + 1], guides[b:b + 1], [params[b]],
+                               SeededNoise([noise.seeds[b]]))
+        assert torch.equal(batch[b:b + 1], alone), f"sample {b} differs when batched"
+
+
+@torch.inference_mode()
+def test_start_zero_is_one_model_call_and_the_guided_x0(net):
+    from models.guidance import apply_scale_map, closed_form_guidance, guidance_scale_map
+
+    x, guides = _inputs(1)
+    model = Counting(net)
+    p = _params(0)
+    out = dynamic_sample(model, DDIM250, x, guides, [p], SeededNoise([5]))
+    assert model.rows == [1] and model.timesteps == [[0]]
+    step = torch.zeros(1, dtype=torch.long)
+    xt = DDIM250.q_sample(x, step, SeededNoise([5])("init", 0, [0], x))
+    x0 = DDIM250.predict_x0(xt, step, net(xt, torch.zeros(1, dtype=torch.long))[:, :3]).clamp(-1, 1)
+    X = closed_form_guidance(x0, guides, torch.tensor([p.sigmas], dtype=torch.float64), [[0.5, 0.5]])
+    assert torch.equal(out, apply_scale_map(x0, X, guidance_scale_map(x)).clamp(-1, 1))
+    # gamma 0 (or no guides): exactly the unguided x0-hat
+    bare = dynamic_sample(net, DDIM250, x, guides, [_params(0, gamma=0.0)], SeededNoise([5]))
+    assert torch.equal(bare, x0)
+
+
+@torch.inference_mode()
+def test_eta_zero_is_deterministic_given_the_init(net):
+    x, guides = _inputs(2)
+
+    class ZNoise(SeededNoise):
+        def __init__(self, seeds, salt):
+            super().__init__(seeds)
+            self.salt = salt
+
+        def __call__(self, kind, step, rows, like):
+            if kind == "z":
+                return torch.randn(like.shape, generator=torch.Generator().manual_seed(self.salt + step))
+            return super().__call__(kind, step, rows, like)
+
+    runs = [dynamic_sample(net, DDIM250, x, guides, [_params(3), _params(5)], ZNoise([1, 2], salt)) for salt in (0, 99)]
+    assert torch.equal(runs[0], runs[1])
+    noisy = [dynamic_sample(net, DDIM250, x, guides, [_params(3, eta=1.0)] * 2, ZNoise([1, 2], salt))
+             for salt in (0, 99)]
+    assert not torch.equal(noisy[0], noisy[1])
+
+
+def test_dyn_params_validation_and_guide_schedule():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        DynParams(start=5, sigmas=(1.0, 2.0), starts=(5, 3))
+    with pytest.raises(ValueError, match="non-increasing"):
+        DynParams(start=5, sigmas=(2.0, 1.0), starts=(3, 5))
+    table = DSSTTable.load(ROOT / "configs" / "dsst.yaml")
+    p = DynParams.of([4.0, 2.0, 0.5], table, DDIM250, REF_SIZE, gamma=1.0, sigma_est=0.5)
+    assert p.start == table.start_index(4.0, REF_SIZE, DDIM250) == 100  # the blurriest guide from the start
+    assert p.starts[0] == p.start > p.starts[1] > p.starts[2]  # sharper guides join at lower t
+    assert p.gammas_at(p.start) == [1.0, 0.0, 0.0] and p.gammas_at(0) == [1.0, 1.0, 1.0]
+    assert p.eta == pytest.approx(0.05)  # sigma_est / 10
+    assert DynParams.of([4.0], table, DDIM250, REF_SIZE, gamma=1.0, max_start=20).start == 20
+
+
+def test_dsst_table_is_monotone_and_lookups_reproduce_it():
+    table = DSSTTable.load(ROOT / "configs" / "dsst.yaml")
+    raw = __import__("yaml").safe_load((ROOT / "configs" / "dsst.yaml").read_text())
+    sched = respaced_linear_schedule(1000, table.respacing)
+    assert raw["n_images"] == len(list(SAMPLES.glob("*.png"))) and table.size == REF_SIZE
+    assert list(table.start_t) == sorted(table.start_t) and list(table.respaced_start) == sorted(table.respaced_start)
+    for s, t, i in zip(table.sigma, table.start_t, table.respaced_start):
+        assert table.start_t_of(s) == t and table.start_index(s, REF_SIZE, sched) == i
+        assert table.start_index(s / 2, REF_SIZE // 2, sched) == i  # sigma in px of the image's own size
+    dense = [table.start_index(s, REF_SIZE, sched) for s in np.linspace(0, 20, 401)]
+    assert dense == sorted(dense) and dense[-1] == table.respaced_start[-1]
+    # the criterion and its calibration: the typical sigma starts at t = 400 = ddim250 index 100
+    base = DiffusionSchedule(linear_betas(1000))
+    nts = noise_to_signal(base)
+    typical = table.sigma.index(raw["typical_sigma"])
+    assert table.start_t[typical] == raw["typical_t"] == 400 and table.respaced_start[typical] == 100
+    for r, t in zip(raw["rms"], table.start_t):
+        assert r <= table.c * nts[t] * (1 + 1e-5) and (t == 0 or r > table.c * nts[t - 1])
+
+
+def test_build_dsst_criterion_on_small_faces():
+    from workflows.build_dsst import build_table, load_faces
+
+    x = load_faces(SAMPLES, 128)
+    t = build_table(x, sigmas=(0.0, 0.5, 1.0, 2.0, 4.0), typical_sigma=1.0, respacing="100")
+    assert t["start_t"][2] == 400 and t["start_t"] == sorted(t["start_t"]) and t["start_t"][0] == 0
+    assert t["respaced_start"] == sorted(t["respaced_start"]) and t["n_images"] == 4
+
+
+def _faces(size: int) -> tuple[list[str], torch.Tensor]:
+    paths = sorted(SAMPLES.glob("*.png"))
+    ims = [resize_to(np.ascontiguousarray(cv2.imread(str(p))[..., ::-1]), size) for p in paths]
+    return [p.name for p in paths], torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).double() / 127.5 - 1
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+
+
+def test_blur_estimator_is_monotone_and_accurate_on_faces_blurred_by_known_sigma():
+    """Faces at 256, blurred by sigma in {1, 2, 3, 4} px at 512 (0.5..2 px at 256), saved as uint8.
+
+    Tolerances (px at 512): on the sharp faces (20595, Julia_Roberts_crop) |estimate - sigma| <= 0.25 sigma
+    + 0.35; on every face the total blur adds in quadrature, |total(k_s * x) - hypot(s, total(x))| <= 15 %;
+    the estimate strictly increases with sigma on every face.
+    """
+    names, x = _faces(256)
+    est = SpectralBlurEstimator()
+    ref = est.sharp_sigma
+    scale = REF_SIZE / 256
+    levels = (0.0, 1.0, 2.0, 3.0, 4.0)
+    got = torch.stack([est.estimate(_quantise(blur(x, s / scale)) if s else x) * scale for s in levels], 1)
+    for b, name in enumerate(names):
+        row = got[b].tolist()
+        assert all(a < c for a, c in zip(row, row[1:])), f"{name}: not monotone {row}"
+        total0 = np.hypot(row[0], ref)
+        for s, e in zip(levels[1:], row[1:]):
+            assert abs(np.hypot(e, ref) - np.hypot(s, total0)) <= 0.15 * np.hypot(s, total0), (name, s, e)
+            if name in ("20595.png", "Julia_Roberts_crop.png"):
+                assert abs(e - s) <= 0.25 * s + 0.35, (name, s, e)
+    guides, sigmas = est(x[:1].float())
+    assert guides.shape == (1, 3, 3, 256, 256) and (sigmas[0, :-1] > sigmas[0, 1:]).all()
+    assert torch.equal(guides[0, 2], x[0].float())  # d_3 = 0: the input itself, at sigma_3 = sigma_est
+    torch.testing.assert_close(guides[0, 0], blur(x[:1].float(), 2.0 / scale)[0])
+
+
+def _tiny_difface():
+    from tasks.dynamic_stage import TINY_DIFFACE_UNET
+
+    ref = config("tiny_difface_unet_config.json")
+    for k, v in TINY_DIFFACE_UNET.items():
+        want = [ref["image_size"] // r for r in ref[k]] if k == "attention_resolutions" else ref[k]
+        assert (list(v) if isinstance(v, tuple) else v) == want, k
+    return UNetModel.from_config(TINY_DIFFACE_UNET)
+
+
+@torch.inference_mode()
+def test_tiny_difface_prior_on_the_ddim250_grid():
+    from tasks.dynamic_stage import DynamicConfig, build_prior
+
+    path = VECTORS / "tiny_difface_unet_state_dict.pt"
+    model = _tiny_difface()
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    built, identity, native = build_prior(DynamicConfig(prior="tiny-difface", weights=str(path)))
+    assert identity.startswith("sha256:") and native is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values()))
+    x, guides = _inputs(2, G=2, seed=3)
+    counted = Counting(model.eval())
+    out = dynamic_sample(counted, DDIM250, x, guides, [_params(3, eta=0.1), _params(1)], SeededNoise([7, 8]))
+    assert torch.isfinite(out).all() and out.abs().max() <= 1
+    assert counted.timesteps == [[12], [8], [4, 4], [0, 0]]  # DifFace's t = 4k, per-sample starts
+
+
+class FakeDBLM(torch.nn.Module):
+    """A 'learned' blur-level mapping: guides = the input blurred at two fixed levels."""
+
+    def __init__(self, sigmas=(1.5, 0.5)):
+        super().__init__()
+        self.sigmas = sigmas
+        self.gain = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        guides = torch.stack([blur(x, s) * self.gain for s in self.sigmas], 1)
+        return guides, torch.tensor([list(self.sigmas)] * x.shape[0])
+
+
+def test_learned_dblm_plugin_loads_its_weights(tmp_path):
+    from tasks.dynamic_stage import DynamicConfig, build_estimator
+
+    path = tmp_path / "dblm.pt"
+    torch.save({"gain": torch.full((1,), 2.0)}, path)
+    cfg = DynamicConfig(estimator="tests.test_dynamic:FakeDBLM", estimator_weights=str(path))
+    dblm, ident = build_estimator(cfg, torch.device("cpu"))
+    assert ident.startswith("sha256:") and ident.endswith("dblm.pt")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    guides, sigmas = dblm(x)
+    assert guides.shape == (2, 2, 3, 16, 16) and sigmas.tolist() == [[1.5, 0.5]] * 2
+    torch.testing.assert_close(guides[:, 0], 2 * blur(x, 1.5))
+    with pytest.raises(RuntimeError, match="no weights for the DBLM"):
+        build_estimator(DynamicConfig(estimator="tests.test_dynamic:FakeDBLM"), torch.device("cpu"))
+
+
+def _tiny_faces(root: Path, n: int, size: int = 64) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = sorted(SAMPLES.glob("*.png"))[:n]
+    for p in paths:
+        cv2.imwrite(str(root / p.name), cv2.resize(cv2.imread(str(p)), (size, size), interpolation=cv2.INTER_AREA))
+    return [p.name for p in paths]
+
+
+def test_restore_workflow_with_method_dynamic(ray_local, tmp_path):
+    from tasks.dynamic_stage import DynamicConfig, DynamicStage
+    from workflows.restore import main as restore
+
+    ids = _tiny_faces(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    args = ["--method", "dynamic", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
+            "--dynamic.max-start", "6", "--image.size", "32", "--enhancer.name", "bicubic", "--enhancer.size", "64",
+            "--write.dr2", "true", "--runtime.device", "cpu", "--runtime.batch-size", "2",
+            "--cluster.block-rows", "2", "--input", str(tmp_path / "in"), "--output", str(out)]
+    assert restore(args) == 0
+    df = read_manifest(str(out)).set_index("id")
+    assert sorted(df.index) == sorted(ids) and (df["status"] == "ok").all()
+    assert (df["restore_method"] == "dynamic").all() and (df["weights"] == "random-init:tiny").all()
+    assert ((df["omega"] >= 0) & (df["omega"] <= 6)).all() and (df["start_t"] == 4 * df["omega"]).all()
+    assert df["N"].isna().all() and (df["enhancer_weights"] == "bicubic").all()
+    assert all(len(s.split(",")) == 3 for s in df["guide_sigmas"])
+    # the workflow's output is the stage's, a pure function of (seed, id)
+    stage = DynamicStage(DynamicConfig(prior="tiny", allow_random_weights=True, max_start=6), None, CPU, seed=0)
+    for i in ids:
+        assert cv2.imread(df.loc[i, "dr2"]).shape == (32, 32, 3)
+        assert cv2.imread(df.loc[i, "restored"]).shape == (64, 64, 3)
+    batch = {"id": np.array(ids, dtype=object), "status": np.array(["ok"] * 2, dtype=object),
+             "image": np.stack([resize_to(np.ascontiguousarray(cv2.imread(str(tmp_path / "in" / i))[..., ::-1]), 32)
+                                for i in ids])}
+    got = stage(batch)
+    for k, i in enumerate(ids):
+        assert np.array_equal(got["dr2"][k], cv2.imread(df.loc[i, "dr2"])[..., ::-1])
+        assert got["omega"][k] == df.loc[i, "omega"]
+
+
+def test_benchmark_stage_runs_dynamic_methods():
+    from tasks.benchmark_stage import MetricsConfig
+    from tasks.dr2_stage import DR2Config
+    from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, parse_methods_with_dynamic
+    from tasks.restore_stage import EnhancerConfig
+
+    methods = [{"name": "input"}, {"name": "dyn", "dynamic": True}, {"name": "dyn+bicubic", "dynamic": True,
+                                                                      "enhancer": "bicubic"}]
+    with pytest.raises(ValueError, match="dynamic method"):
+        parse_methods_with_dynamic([{"name": "d", "dynamic": True, "N": 4}])
+    with pytest.raises(ValueError, match="duplicate"):
+        parse_methods_with_dynamic([{"name": "d"}, {"name": "d", "dynamic": True}])
+    stage = DynamicBenchmarkStage(methods, DynamicConfig(prior="tiny", allow_random_weights=True, max_start=3),
+                                  DR2Config(), EnhancerConfig(name="bicubic", size=64),
+                                  MetricsConfig(names=["psnr_rgb"]), CPU, seed=0, model_size=32)
+    _, x = _faces(64)
+    hq = ((x[:2] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    batch = {"id": np.array(["a", "b"], dtype=object), "stem": np.array(["a", "b"], dtype=object),
+             "status": np.array(["ok", "ok"], dtype=object), "image": hq,
+             "lq_pixels": np.stack([cv2.GaussianBlur(im, (0, 0), 1.5) for im in hq])}
+    out = stage(batch)
+    assert list(out["method"]) == ["input"] * 2 + ["dyn"] * 2 + ["dyn+bicubic"] * 2
+    assert out["restored"].shape == (6, 64, 64, 3) and np.isfinite(out["psnr_rgb"]).all()
+    assert list(out["omega"][:2]) == [-1, -1] and (out["omega"][2:] >= 0).all()
+    assert list(out["weights"][2:]) == ["random-init:tiny+none"] * 2 + ["random-init:tiny+bicubic"] * 2
+
+
+def test_benchmark_config_accepts_dynamic_methods():
+    from tasks.config import load
+    from workflows.benchmark import BenchmarkConfig
+
+    cfg = load(BenchmarkConfig, ["--methods", json.dumps([{"name": "dyn", "dynamic": True}]),
+                                 "--dynamic.prior", "difface-512", "--dynamic.respacing", "ddim250"], "")
+    assert cfg.dynamic.prior == "difface-512" and cfg.methods == [{"name": "dyn", "dynamic": True}]
