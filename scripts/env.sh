@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-python3}"
-key="$( { cat "$root/requirements.lock"; "$py" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
+key="$( { cat "$root/requirements.lock" "$root/requirements-nodeps.txt"; "$py" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
 venv="${DR2PIPE_VENV_ROOT:-$HOME/.cache/dr2pipe}/venv-$key"
 if [ ! -f "$venv/.complete" ]; then
   mkdir -p "$(dirname "$venv")"
@@ -20,7 +20,9 @@ if [ ! -f "$venv/.complete" ]; then
     # One pip command for everything: separate installs let botocore drift past aiobotocore's pin.
     "$venv/bin/python" -m pip install -q -r "$root/requirements.lock" 2>&1 \
       | grep -v "is ignored: it is neither" >&2 || true
-    "$venv/bin/python" -c "import torch, torchvision, ray, lpips, cv2, pyarrow, s3fs" \
+    "$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-nodeps.txt" 2>&1 \
+      | grep -v "is ignored: it is neither" >&2 || true
+    "$venv/bin/python" -c "import torch, torchvision, ray, lpips, cv2, pyarrow, s3fs, facenet_pytorch" \
       || { echo "[env] install failed: see the messages above" >&2; exit 1; }
     touch "$venv/.complete"
   fi

@@ -10,3 +10,29 @@ class BrightenEnhancer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.amount
+
+
+class CentreFaceDetector:
+    """A deterministic plug-in face detector (the shape of a RetinaFace wrapper built from a weights path).
+
+    Per image it "finds" two faces, returned unsorted: a weak one (score 0.3) in the top-left corner and a
+    strong one (`score`) in the centre, with the FFHQ template's landmarks mapped into each box.
+    """
+
+    def __init__(self, weights, device, score: float = 0.8, fraction: float = 0.5):
+        self.weights, self.device, self.score, self.fraction = weights, device, score, fraction
+
+    @staticmethod
+    def _face(x0: float, y0: float, side: float, score: float):
+        from tasks.detect import FFHQ_TEMPLATE_512, Face
+
+        return Face((x0, y0, x0 + side, y0 + side), FFHQ_TEMPLATE_512 / 512 * side + [x0, y0], score)
+
+    def detect(self, images):
+        out = []
+        for img in images:
+            h, w = img.shape[:2]
+            side = self.fraction * min(h, w)
+            out.append([self._face(0.0, 0.0, side / 4, 0.3),
+                        self._face((w - side) / 2, (h - side) / 2, side, self.score)])
+        return out
