@@ -76,17 +76,19 @@ class LoadFaces:
                 status[k], error[k] = "error", str(e)
             except Exception as e:  # an unexpected decoder failure is still one sample's problem
                 status[k], error[k] = "error", f"{type(e).__name__}: {e}"
-        # A value given per sample by the input list wins over the configured distribution.
-        given = {name: batch[name] for name in self.specs if name in batch}
-        params = [draw_params(self.job_seed, str(i), {k: v for k, v in self.specs.items() if k not in given})
-                  for i in batch["id"]]
-        for name, values in given.items():
-            for k, p in enumerate(params):
-                p[name] = values[k].item() if hasattr(values[k], "item") else values[k]
         out = dict(batch)
         out.update(image=images, status=np.array(status, dtype=object), error=np.array(error, dtype=object),
                    src_format=np.array(fmt, dtype=object), src_converted=np.array(conv, dtype=object),
                    src_width=width, src_height=height)
-        for name in self.specs:
-            out[name] = np.array([p[name] for p in params])
+        out.update(param_columns(batch, self.specs, self.job_seed))
         return out
+
+
+def param_columns(batch: dict[str, np.ndarray], specs: dict[str, Sampled], job_seed: int) -> dict[str, np.ndarray]:
+    """One column per spec: the input list's value where it gives one, else drawn from (job seed, id, name)."""
+    given = {name: batch[name] for name in specs if name in batch}
+    params = [draw_params(job_seed, str(i), {k: v for k, v in specs.items() if k not in given}) for i in batch["id"]]
+    for name, values in given.items():
+        for k, p in enumerate(params):
+            p[name] = values[k].item() if hasattr(values[k], "item") else values[k]
+    return {name: np.array([p[name] for p in params]) for name in specs}

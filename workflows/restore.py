@@ -6,6 +6,11 @@
 Stages: list -> read+decode+resize (CPU tasks) -> DR2 + enhancer (one actor pool sharing each GPU, or two
 pools) -> encode+write (CPU tasks) -> manifest shard. (N, tau) per dataset from the config, or per sample
 from `N`/`tau` columns of a Parquet/CSV input list. Resume, error rows and summary as augment.py.
+
+Whole photos (--photos.mode photos, or auto: non-square inputs): read+decode -> detect faces and align them
+to the FFHQ template (CPU actors) -> restore every face of a batch of photos together (GPU actors) ->
+feathered paste-back + write (CPU tasks) -> one manifest row per photo (manifest/) and one per face
+(faces/manifest/: box, landmarks, score, status: ok | too_small | over_cap | invalid). See tasks/photo_stage.py.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
 from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig, DynamicStage
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
+from tasks.photo_stage import (
+    FACE_COLUMNS,
+    PHOTO_COLUMNS,
+    DetectAlign,
+    LoadPhotos,
+    PasteAndWrite,
+    PhotoConfig,
+    PhotoRestore,
+)
 from tasks.pipeline import (
     ROOT,
     ClusterConfig,
@@ -72,6 +86,7 @@ class RestoreConfig:
     topology: str = opt("shared", "shared: DR2 and the enhancer in one actor per GPU (no intermediate copy); "
                                   "separate: two actor pools (scale them independently)")
     image: ImageConfig = ImageConfig()
+    photos: PhotoConfig = PhotoConfig()
     dr2: DR2Config = DR2Config()
     dynamic: DynamicConfig = DynamicConfig()
     enhancer: EnhancerConfig = EnhancerConfig()
@@ -81,7 +96,45 @@ class RestoreConfig:
     cluster: ClusterConfig = ClusterConfig()
 
 
+def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
+    return {"job_seed": cfg.seed, "code_version": version, "config_hash": config_hash(cfg),
+            "enhancer": cfg.enhancer.name}
+
+
+def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
+    """Whole photos: load -> detect+align (CPU actors) -> restore crops (GPU actors) -> paste+write -> manifest."""
+    so, ph, dynamic = cfg.storage_options or None, cfg.photos, cfg.method == "dynamic"
+    pool, gpus = actor_pool(cfg.runtime, ray)
+    ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
+    ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
+                                min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so,
+                                specs={} if dynamic else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
+                        batch_size=ph.batch_size, num_cpus=1)
+    detect_pool = (ray.data.ActorPoolStrategy(size=ph.detect_actors) if ph.detect_actors > 0 else
+                   ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()["CPU"]) // 2)))
+    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(photos=ph, face_size=cfg.image.size),
+                        batch_size=ph.batch_size, num_cpus=1, compute=detect_pool)
+    stage_cls, stage_kwargs = (DynamicStage, dict(dynamic=cfg.dynamic)) if dynamic else (RestoreStage,
+                                                                                       dict(dr2=cfg.dr2))
+    stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
+    ds = ds.map_batches(PhotoRestore, fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
+                                                                 chunk=cfg.runtime.batch_size),
+                        batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
+                        compute=ray.data.ActorPoolStrategy(size=pool))
+    constants = manifest_constants(cfg, version)
+    ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=ph.align, face_size=cfg.image.size,
+                                write_faces=ph.write_faces, png_compression=cfg.write.png_compression,
+                                constants=constants, storage_options=so,
+                                face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else [])),
+                        batch_size=ph.batch_size, num_cpus=1)
+    columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
+    return ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=columns, storage_options=so,
+                                  constants=constants), batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
+
+
 def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
+    if cfg.photos.mode != "aligned":
+        return build_photo_pipeline(cfg, todo, ray, version)
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
@@ -113,9 +166,7 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=cfg.runtime.batch_size, num_cpus=1)
     ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output,
                                 columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                                storage_options=so, constants={"job_seed": cfg.seed, "code_version": version,
-                                                               "config_hash": config_hash(cfg),
-                                                               "enhancer": cfg.enhancer.name}),
+                                storage_options=so, constants=manifest_constants(cfg, version)),
                         batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
     return ds
 
@@ -128,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
     if cfg.method not in ("dr2", "dynamic"):
         log.error("--method must be dr2 or dynamic, got %r", cfg.method)
+        return 2
+    if cfg.photos.mode not in ("aligned", "photos", "auto"):
+        log.error("--photos.mode must be aligned, photos or auto, got %r", cfg.photos.mode)
         return 2
     net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
     weights = check_weights_exist(net.weights, so) if net.weights else None

@@ -1,0 +1,309 @@
+"""Whole photos: decode -> detect faces -> align to the FFHQ template -> restore the crops batched across
+photos -> paste back (feathered) -> restored photo + one manifest row per photo and one per face.
+
+A row stays a photo from read to manifest, so a photo commits (its row in <output>/manifest) only after
+its restored photo, its face crops and its face rows (<output>/faces/manifest, written first) exist: a
+rerun redoes exactly the uncommitted photos. Face rows are keyed "<photo id>#fNN"; a face row written by
+a crashed run and rewritten by the rerun is deduplicated on that key by `read_manifest`, like any retry.
+
+Stages (restore.py assembles them when photos.mode is photos or auto):
+  LoadPhotos (CPU task)     read + decode any size; error rows for bad input; per-photo (N, tau)
+  DetectAlign (CPU actors)  detector built once per actor; plan_faces decides ok/too_small/over_cap/invalid
+  PhotoRestore (GPU actors) every ok crop of the batch's photos in one restoration batch (DR2 or dynamic)
+  PasteAndWrite (CPU task)  paste-back, PNGs, the face rows' shard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.align import AlignConfig, align_faces, paste_back, plan_faces
+from tasks.config import Sampled, opt
+from tasks.detect import DetectorConfig, build_detector
+from tasks.images import ImageError, decode_image, encode_png, resize_to
+from tasks.load_stage import param_columns, read_sources
+from tasks.manifest import ManifestWriter, write_shard
+from tasks.storage import get_fs, join_under, write_bytes
+
+MODES = ("aligned", "photos", "auto")
+FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/restored (crops)
+
+PHOTO_COLUMNS = [("kind", pa.string()), ("faces_detected", pa.int64()), ("faces_restored", pa.int64()),
+                 ("faces_skipped", pa.int64()), ("detector", pa.string()), ("note", pa.string()),
+                 ("restored", pa.string())]
+FACE_COLUMNS = [("photo_id", pa.string()), ("face_index", pa.int64()), ("score", pa.float64()),
+                ("box", pa.list_(pa.float64())), ("landmarks", pa.list_(pa.float64())),
+                ("eye_distance", pa.float64()), ("face_side", pa.float64()), ("border_fraction", pa.float64()),
+                ("affine", pa.list_(pa.float64())), ("face_size", pa.int64()), ("detector", pa.string()),
+                ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer_weights", pa.string()),
+                ("note", pa.string()), ("restored", pa.string())]
+
+
+@dataclass(frozen=True)
+class PhotoConfig:
+    mode: str = opt("aligned", "aligned: inputs are FFHQ-aligned face crops (no detection) | photos: whole "
+                               "photos (detect, align, restore, paste back) | auto: square inputs are taken as "
+                               "aligned crops, the others as whole photos (a square whole photo needs 'photos')")
+    batch_size: int = opt(4, "photos per batch in the photo stages; their faces are restored together in "
+                             "chunks of runtime.batch_size (photos are large: keep this small)")
+    detect_actors: int = opt(0, "detector actors (each loads the detector once; CPU unless detector.device); "
+                                "0 = autoscale from 1 to half the cluster's CPUs (MTCNN costs ~140 ms/face on "
+                                "one CPU thread: a GPU restoring 45 faces/s needs ~7 of them)")
+    write_faces: bool = opt(True, "also write each restored face crop to faces/restored/<stem>_fNN.png")
+    detector: DetectorConfig = DetectorConfig(device="cpu")
+    align: AlignConfig = AlignConfig()
+
+
+def face_id(photo_id: str, index: int) -> str:
+    return f"{photo_id}#f{index:02d}"
+
+
+def _empty_crops(size: int) -> np.ndarray:
+    return np.zeros((0, size, size, 3), np.uint8)
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values  # element-wise: a list of equal-shape arrays must not become one big array
+    return out
+
+
+class LoadPhotos:
+    """Ray Data batch function: (id, source, stem, key_error) -> + photo (any size), kind, status, error."""
+
+    def __init__(self, mode: str, max_pixels: int, min_side: int, specs: dict[str, Sampled], job_seed: int,
+                 storage_options: dict | None = None):
+        if mode not in MODES[1:]:
+            raise ValueError(f"photos.mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.max_pixels, self.min_side = mode, max_pixels, min_side
+        self.specs, self.job_seed, self.storage_options = specs, int(job_seed), storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        photos = [np.zeros((1, 1, 3), np.uint8) for _ in range(n)]
+        status, error, kind = ["ok"] * n, [""] * n, ["photo"] * n
+        fmt, conv = [""] * n, [""] * n
+        width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        todo = [k for k in range(n) if not batch["key_error"][k]]
+        for k in range(n):
+            if batch["key_error"][k]:
+                status[k], error[k] = "error", str(batch["key_error"][k])
+        data = read_sources([str(batch["source"][k]) for k in todo], self.storage_options)
+        for k, raw in zip(todo, data):
+            try:
+                if isinstance(raw, Exception):
+                    raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
+                rgb, info = decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side)
+                photos[k], fmt[k], conv[k] = rgb, info["format"], info["converted"]
+                width[k], height[k] = info["width"], info["height"]
+                if self.mode == "auto" and rgb.shape[0] == rgb.shape[1]:
+                    kind[k] = "aligned"
+            except ImageError as e:
+                status[k], error[k] = "error", str(e)
+            except Exception as e:  # an unexpected decoder failure is still one photo's problem
+                status[k], error[k] = "error", f"{type(e).__name__}: {e}"
+        out = dict(batch)
+        out.update(photo=_objects(photos), kind=np.array(kind, dtype=object), status=np.array(status, dtype=object),
+                   error=np.array(error, dtype=object), src_format=np.array(fmt, dtype=object),
+                   src_converted=np.array(conv, dtype=object), src_width=width, src_height=height)
+        out.update(param_columns(batch, self.specs, self.job_seed))
+        return out
+
+
+class DetectAlign:
+    """Ray Data callable class (CPU actors): detector built once; adds crops (K,S,S,3), plans (JSON)."""
+
+    def __init__(self, photos: PhotoConfig, face_size: int):
+        self.detector = build_detector(photos.detector)
+        self.identity = getattr(self.detector, "identity", photos.detector.name)
+        self.align = dataclasses.replace(photos.align, face_size=face_size)
+
+    def _aligned_input(self, photo: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
+        """An aligned crop (auto mode) is its own single face: resized, never pasted."""
+        s = self.align.face_size / photo.shape[0]
+        row = {"face_index": 0, "status": "ok", "reason": "aligned input (auto mode): restored as a crop",
+               "score": None, "box": [0.0, 0.0, float(photo.shape[1]), float(photo.shape[0])], "landmarks": None,
+               "eye_distance": None, "face_side": float(photo.shape[0]), "border_fraction": 0.0,
+               "affine": [s, 0.0, 0.0, 0.0, s, 0.0], "face_size": self.align.face_size}
+        return [row], [resize_to(photo, self.align.face_size)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, size = len(batch["id"]), self.align.face_size
+        status, error = list(batch["status"]), list(batch["error"])
+        plans, crops = ["[]"] * n, [_empty_crops(size) for _ in range(n)]
+        todo = [k for k in range(n) if status[k] == "ok" and batch["kind"][k] == "photo"]
+        try:
+            found = self.detector.detect([batch["photo"][k] for k in todo]) if todo else []
+        except Exception:  # one bad photo must not fail its batch: find it by running them one at a time
+            found = []
+            for k in todo:
+                try:
+                    found.append(self.detector.detect([batch["photo"][k]])[0])
+                except Exception as e:
+                    found.append(e)
+        for k, faces in zip(todo, found):
+            try:
+                if isinstance(faces, Exception):
+                    raise faces
+                photo = batch["photo"][k]
+                p = plan_faces([f.landmarks for f in faces], [f.score for f in faces], photo.shape, self.align,
+                               [f.box for f in faces])
+                plans[k] = json.dumps([x.row() for x in p])
+                ok = align_faces(photo, p, self.align)
+                crops[k] = np.stack(ok) if ok else _empty_crops(size)
+            except Exception as e:
+                status[k], error[k] = "error", f"face detection/alignment failed: {type(e).__name__}: {e}"
+        for k in range(n):
+            if status[k] == "ok" and batch["kind"][k] == "aligned":
+                rows, ok = self._aligned_input(batch["photo"][k])
+                plans[k], crops[k] = json.dumps(rows), np.stack(ok)
+        out = dict(batch)
+        out.update(crops=_objects(crops), plans=np.array(plans, dtype=object), status=np.array(status, dtype=object),
+                   error=np.array(error, dtype=object), detector=np.array([self.identity] * n, dtype=object))
+        return out
+
+
+class PhotoRestore:
+    """Ray Data callable class (GPU actors): the restoration stage (RestoreStage or DynamicStage) built once;
+    every ok crop of the batch's photos goes through it in chunks of `chunk` faces.
+
+    A face's seed comes from (job seed, "<photo id>#fNN"), so its result does not depend on which photos
+    share its batch. Adds restored_faces (K,R,R,3) per photo and faces_info (JSON: per-face annotations).
+    """
+
+    ANNOTATIONS = ("seed", "weights", "omega", "enhancer_weights", "restore_method", "sigma_est", "guide_sigmas",
+                   "start_t", "eta")
+
+    def __init__(self, stage_cls, stage_kwargs: dict, chunk: int):
+        self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        owner, ids, crops = [], [], []
+        for k in range(n):
+            if batch["status"][k] != "ok":
+                continue
+            ok_rows = [r for r in json.loads(batch["plans"][k]) if r["status"] == "ok"]
+            for r, crop in zip(ok_rows, batch["crops"][k]):
+                owner.append(k)
+                ids.append(face_id(str(batch["id"][k]), r["face_index"]))
+                crops.append(crop)
+        restored: list[list[np.ndarray]] = [[] for _ in range(n)]
+        info: list[list[dict]] = [[] for _ in range(n)]
+        weights = ""
+        for i in range(0, len(ids), self.chunk):
+            sl = slice(i, i + self.chunk)
+            faces = {"id": np.array(ids[sl], dtype=object), "image": np.stack(crops[sl]),
+                     "status": np.array(["ok"] * len(ids[sl]), dtype=object)}
+            for name in ("N", "tau"):
+                if name in batch:
+                    faces[name] = np.array([batch[name][k] for k in owner[sl]])
+            out = self.stage(faces)
+            for j, k in enumerate(owner[sl]):
+                restored[k].append(out["restored"][j])
+                info[k].append({a: _plain(out[a][j]) for a in self.ANNOTATIONS if a in out})
+            weights = str(out["weights"][0])
+        if not weights:  # no face in this batch: still say which network the job runs
+            weights = str(getattr(self.stage, "weights", "") or getattr(getattr(self.stage, "dr2", None),
+                                                                           "weights", ""))
+        out_size = restored_size(restored, batch["crops"])
+        batch["restored_faces"] = _objects([np.stack(r) if r else _empty_crops(out_size) for r in restored])
+        batch["faces_info"] = np.array([json.dumps(x) for x in info], dtype=object)
+        batch["weights"] = np.array([weights] * n, dtype=object)
+        return batch
+
+
+def restored_size(restored: list[list[np.ndarray]], crops) -> int:
+    for r in restored:
+        if r:
+            return r[0].shape[0]
+    return crops[0].shape[1] if len(crops) else 0
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class PasteAndWrite:
+    """Ray Data batch function (CPU): paste-back, restored photo and face PNGs, the face rows' shard.
+
+    Pixel columns are dropped; what flows on is one small row per photo for the ManifestWriter.
+    """
+
+    def __init__(self, output: str, align: AlignConfig, face_size: int, write_faces: bool, png_compression: int,
+                 constants: dict, storage_options: dict | None = None, face_columns: list | None = None):
+        self.output, self.storage_options = output, storage_options
+        self.align = dataclasses.replace(align, face_size=face_size)
+        self.write_faces, self.png_compression = write_faces, png_compression
+        self.faces_output = join_under(output, FACES_DIR)
+        self.face_writer = ManifestWriter(self.faces_output, face_columns or FACE_COLUMNS, constants,
+                                          storage_options)
+        self.constants = constants
+
+    def _put(self, folder: str, stem: str, rgb: np.ndarray) -> str:
+        uri = join_under(join_under(self.output, folder), stem + ".png")
+        fs, path = get_fs(uri, self.storage_options)
+        write_bytes(fs, path, encode_png(rgb, self.png_compression))
+        return uri
+
+    def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
+        photo = batch["photo"][k]
+        if batch["kind"][k] == "aligned":
+            return faces[0], "aligned input: the restored crop"
+        if not rows:
+            return photo, "no faces detected: photo passed through unchanged"
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            return photo, "no face restorable (see faces manifest): photo passed through unchanged"
+        matrices = [np.array(r["affine"], np.float64).reshape(2, 3) for r in ok]
+        return paste_back(photo, list(faces), matrices, self.align), ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        status, error = list(batch["status"]), list(batch["error"])
+        uris, notes = [""] * n, [""] * n
+        detected, restored, skipped = (np.zeros(n, np.int64) for _ in range(3))
+        face_rows: list[dict] = []
+        for k in range(n):
+            if status[k] != "ok":
+                continue
+            try:
+                rows = json.loads(batch["plans"][k])
+                faces, info = batch["restored_faces"][k], json.loads(batch["faces_info"][k])
+                stem, pid = str(batch["stem"][k]), str(batch["id"][k])
+                out, notes[k] = self._photo(batch, k, rows, faces)
+                uris[k] = self._put("restored", stem, out)
+                detected[k] = len(rows) if batch["kind"][k] == "photo" else 0
+                j = 0
+                for r in rows:
+                    reason = r.pop("reason", "")
+                    row = dict(r, id=face_id(pid, r["face_index"]), photo_id=pid, source=batch["source"][k],
+                               error=reason if r["status"] != "ok" else "", note=reason if r["status"] == "ok" else "",
+                               detector=batch["detector"][k], N=_plain(batch["N"][k]) if "N" in batch else None,
+                               tau=_plain(batch["tau"][k]) if "tau" in batch else None, restored="")
+                    if r["status"] == "ok":
+                        row.update(info[j])
+                        if self.write_faces:
+                            row["restored"] = self._put(f"{FACES_DIR}/restored", f"{stem}_f{r['face_index']:02d}",
+                                                        faces[j])
+                        j += 1
+                    face_rows.append(row)
+                restored[k] = j
+                skipped[k] = len(rows) - j
+            except Exception as e:  # a failed paste or write is this photo's error row
+                status[k], error[k] = "error", f"paste-back/write failed: {type(e).__name__}: {e}"
+        if face_rows:  # before the photos' own shard: committed photos always have their face rows
+            cols = {name: [r.get(name) for r in face_rows] for name in
+                    {f.name for f in self.face_writer.schema} | {"weights"}}
+            write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options)
+        drop = ("photo", "crops", "restored_faces", "plans", "faces_info")
+        out = {key: v for key, v in batch.items() if key not in drop}
+        out.update(restored=np.array(uris, dtype=object), note=np.array(notes, dtype=object),
+                   faces_detected=detected, faces_restored=restored, faces_skipped=skipped,
+                   status=np.array(status, dtype=object), error=np.array(error, dtype=object))
+        return out

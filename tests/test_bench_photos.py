@@ -1,0 +1,91 @@
+"""Smoke test of bench/bench_photos.py: two photos in-process with the tiny DR2, its tables and its JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "bench_photos.py"
+STAGES = ["detection", "plan+align", "restoration", "paste-back", "detect+align+paste", "total"]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_photos", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _markdown_rows(lines: list[str], first: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows) of the Markdown table whose header starts with `first`."""
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} "))
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    assert set(lines[start + 1].replace("|", "").replace(":", "")) == {"-"}
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start]), rows
+
+
+def test_bench_photos_tiny_cpu(tmp_path, capsys):
+    bench = _load_bench()
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    out_json = tmp_path / "bench.json"
+    photo = ROOT / "data" / "photos" / "Blake_Lively.jpg"
+    # 11 UNet forwards per face at 32x32, bicubic to 64: a few seconds for the 3 faces of the two photos.
+    result = bench.main(["--input", f"{photo},astronaut", "--arch", "tiny", "--size", "32", "--N", "2",
+                         "--tau", "5", "--batch-size", "2", "--threads", "1", "--json", str(out_json)])
+    assert torch.get_num_threads() == threads and cv2.getNumThreads() == cv_threads  # process state restored
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bench_photos: 2 photos, ")
+    assert any(line.startswith("threads: torch 1, OpenCV 1") and "load average" in line for line in lines)
+    head, rows = _markdown_rows(lines, "stage")
+    assert head == ["stage", "photos", "faces", "seconds", "ms/face", "faces/s", "share of total"]
+    assert [r[0] for r in rows] == STAGES
+    by = {r[0]: r for r in rows}
+    faces = int(by["total"][2])
+    assert faces >= 2  # MTCNN finds both faces of the collage and the astronaut's
+    for r in rows:
+        assert r[1] == "2" and int(r[2]) == faces
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6].rstrip("%")) > 0
+    geometry = sum(float(by[s][3]) for s in ("detection", "plan+align", "paste-back"))
+    assert abs(float(by["detect+align+paste"][3]) - geometry) < 2e-3
+    assert abs(float(by["detect+align+paste"][3]) + float(by["restoration"][3]) - float(by["total"][3])) < 2e-3
+    assert by["total"][6] == "100.0%"
+    line = next(line for line in lines if line.startswith("ratio restoration / (detect+align+paste) = "))
+    ratio = float(line.split("= ")[1].split()[0])
+    assert abs(ratio - float(by["restoration"][3]) / float(by["detect+align+paste"][3])) < 0.02 * ratio + 0.01
+
+    head, proj = _markdown_rows(lines, "scenario")
+    assert len(head) == 5 and len(proj) == 3
+    assert proj[0][0].startswith("measured: tiny DR2 32²")
+    assert "161.7 s/face" in proj[1][0] and float(proj[1][1]) == 161700.0
+    assert "not a measurement" in proj[2][0] and abs(float(proj[2][1]) - 1000 / 45) < 0.1
+    assert all(0 < float(p[3].rstrip("%")) < 100 for p in proj)
+    _, per_photo = _markdown_rows(lines, "photo")
+    assert [p[0] for p in per_photo] == ["Blake_Lively.jpg", "astronaut"]
+
+    data = json.loads(out_json.read_text())
+    assert data["text"] == result["text"]
+    assert [r["stage"] for r in data["table"]] == STAGES
+    for r in data["table"]:
+        assert r["faces"] == faces and r["seconds"] > 0 and r["ms_per_face"] > 0 and r["faces_per_s"] > 0
+    meta = data["meta"]
+    assert meta["arch"] == "tiny" and meta["size"] == 32 and meta["enhancer_size"] == 64
+    assert meta["forwards_per_face"] == 11 and meta["torch_threads"] == 1 and meta["faces_restored"] == faces
+    assert meta["full_size_geometry"]["plan+align"] > 0 and meta["full_size_geometry"]["paste-back"] > 0
+    assert [p["kind"] for p in data["projections"]] == ["measurement", "projection", "projection from a target"]
+    assert sum(p["restored"] for p in data["photos"]) == faces
+    assert all(p["detection_s"] > 0 for p in data["photos"])

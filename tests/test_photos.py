@@ -1,0 +1,132 @@
+"""Whole photos through workflows/restore.py on a real local Ray: detect -> align -> restore -> paste back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+from models.noise import sample_seed
+from tasks.align import crop_corners
+from tasks.manifest import read_manifest
+from workflows.restore import main as restore
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--allow-random-weights", "true", "--dr2.architecture", "tiny", "--image.size", "32", "--dr2.N", "2",
+        "--dr2.tau", "5", "--runtime.batch-size", "4", "--runtime.device", "cpu", "--enhancer.name", "bicubic",
+        "--enhancer.size", "64", "--photos.detector.device", "cpu", "--seed", "7"]
+
+
+def _rgb(path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def photo_run(ray_local, tmp_path_factory):
+    """One photos-mode run over two faces, one face, no face, and a broken file (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("photos")
+    src = root / "in"
+    src.mkdir()
+    (src / "blake.jpg").write_bytes((ROOT / "data" / "photos" / "Blake_Lively.jpg").read_bytes())
+    Image.fromarray(skimage_data.astronaut()).save(src / "astronaut.png")
+    Image.fromarray(skimage_data.coffee()).save(src / "coffee.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    out = root / "out"
+    assert restore([*FAST, "--photos.mode", "photos", "--photos.batch-size", "4", "--input", str(src),
+                    "--output", str(out)]) == 0
+    return src, out, read_manifest(str(out)).set_index("id"), read_manifest(str(out / "faces")).set_index("id")
+
+
+def test_one_row_per_photo_and_per_face(photo_run):
+    _, _, photos, faces = photo_run
+    assert sorted(photos.index) == ["astronaut.png", "blake.jpg", "broken.jpg", "coffee.png"]
+    assert photos.loc["broken.jpg", "status"] == "error" and photos.loc["broken.jpg", "error"]
+    ok = photos[photos.status == "ok"]
+    assert ok[["faces_detected", "faces_restored", "faces_skipped"]].loc[["blake.jpg", "astronaut.png",
+                                                                         "coffee.png"]].values.tolist() \
+        == [[2, 2, 0], [1, 1, 0], [0, 0, 0]]
+    assert photos.loc["coffee.png", "note"].startswith("no faces detected")
+    assert (ok["weights"] == "random-init:tiny").all() and (ok["detector"].str.startswith("mtcnn")).all()
+    assert sorted(faces.index) == ["astronaut.png#f00", "blake.jpg#f00", "blake.jpg#f01"]
+    for fid, row in faces.iterrows():
+        assert row.status == "ok" and row.score > 0.9 and row.photo_id == fid.split("#")[0]
+        assert len(row.box) == 4 and len(row.landmarks) == 10 and len(row.affine) == 6
+        x0, y0, x1, y1 = row.box
+        lm = np.asarray(row.landmarks).reshape(5, 2)
+        assert (lm[:, 0] > x0 - 1).all() and (lm[:, 0] < x1 + 1).all() and (lm[:, 1] > y0 - 1).all()
+        assert lm[0, 0] < lm[1, 0]  # image-left eye first, as the FFHQ template
+        assert row.seed == sample_seed(7, fid)  # a face's noise depends only on (job seed, face id)
+        assert _rgb(row.restored).shape == (64, 64, 3)
+
+
+def test_paste_back_changes_each_face_and_nothing_outside_the_crops(photo_run):
+    src, out, photos, faces = photo_run
+    before, after = _rgb(src / "blake.jpg"), _rgb(photos.loc["blake.jpg", "restored"])
+    assert before.shape == after.shape == (464, 700, 3)  # the photo keeps its size
+    footprint = np.zeros(before.shape[:2], np.uint8)
+    for fid in ("blake.jpg#f00", "blake.jpg#f01"):
+        row = faces.loc[fid]
+        M = np.asarray(row.affine).reshape(2, 3)
+        corners = crop_corners(M, int(row.face_size))
+        cv2.fillConvexPoly(footprint, np.round(corners).astype(np.int32), 1)
+        x0, y0, x1, y1 = (int(round(v)) for v in row.box)
+        inside = (slice(max(y0, 0), y1), slice(max(x0, 0), x1))
+        assert np.abs(after[inside].astype(int) - before[inside].astype(int)).mean() > 10  # both faces replaced
+    grown = cv2.dilate(footprint, np.ones((5, 5), np.uint8))  # interpolation reaches a pixel past the polygon
+    assert grown.mean() < 0.9
+    assert np.array_equal(after[grown == 0], before[grown == 0])
+    # A photo without faces passes through unchanged.
+    assert np.array_equal(_rgb(photos.loc["coffee.png", "restored"]), skimage_data.coffee())
+
+
+def test_results_do_not_depend_on_batching_and_a_rerun_skips_committed_photos(photo_run, tmp_path):
+    src, out, photos, faces = photo_run
+    other = tmp_path / "one_by_one"
+    assert restore([*FAST, "--photos.mode", "photos", "--photos.batch-size", "1", "--runtime.batch-size", "1",
+                    "--input", str(src), "--output", str(other)]) == 0
+    again = read_manifest(str(other)).set_index("id")
+    for pid in ("blake.jpg", "astronaut.png", "coffee.png"):
+        assert np.array_equal(_rgb(again.loc[pid, "restored"]), _rgb(photos.loc[pid, "restored"]))
+    assert restore([*FAST, "--photos.mode", "photos", "--input", str(src), "--output", str(out)]) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["skipped"] == 4 and summary["ok"] == 0  # all four committed (the error row too)
+    assert len(read_manifest(str(out / "faces"))) == 3
+
+
+def test_auto_mode_caps_and_plugin_detector(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "aligned.png").write_bytes((ROOT / "data" / "samples" / "20595.png").read_bytes())
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(src / "wide.png")
+    out = tmp_path / "out"
+    # The plug-in "finds" a weak small face in the corner and a strong one in the centre of every photo.
+    assert restore([*FAST, "--photos.mode", "auto", "--photos.detector.name", "tests.plugins:CentreFaceDetector",
+                    "--photos.align.max-faces", "1", "--photos.align.min-eye-distance", "5", "--input", str(src),
+                    "--output", str(out)]) == 0
+    photos = read_manifest(str(out)).set_index("id")
+    faces = read_manifest(str(out / "faces")).set_index("id")
+    assert photos.loc["aligned.png", "kind"] == "aligned" and photos.loc["wide.png", "kind"] == "photo"
+    assert _rgb(photos.loc["aligned.png", "restored"]).shape == (64, 64, 3)  # an aligned crop stays a crop
+    assert _rgb(photos.loc["wide.png", "restored"]).shape == (300, 400, 3)
+    # Detectors return faces by score: f00 is the strong one and wins the single slot.
+    assert faces.loc["wide.png#f00", "status"] == "ok" and faces.loc["wide.png#f00", "score"] == 0.8
+    assert faces.loc["wide.png#f01", "status"] == "over_cap" and "max_faces=1" in faces.loc["wide.png#f01", "error"]
+    assert faces.loc["aligned.png#f00", "status"] == "ok"
+    assert photos.loc["wide.png", ["faces_detected", "faces_restored", "faces_skipped"]].tolist() == [2, 1, 1]
+
+    # Faces too small for the configured eye distance are recorded and the photo passes through unchanged.
+    out2 = tmp_path / "out2"
+    assert restore([*FAST, "--photos.mode", "photos", "--photos.detector.name", "tests.plugins:CentreFaceDetector",
+                    "--photos.align.min-eye-distance", "500", "--input", str(src / "wide.png"),
+                    "--output", str(out2)]) == 0
+    faces2 = read_manifest(str(out2 / "faces"))
+    assert (faces2["status"] == "too_small").all() and faces2["error"].str.contains("eye distance").all()
+    photo = read_manifest(str(out2)).iloc[0]
+    assert photo["faces_restored"] == 0 and "passed through unchanged" in photo["note"]
+    assert np.array_equal(_rgb(photo["restored"]), _rgb(src / "wide.png"))
