@@ -72,6 +72,9 @@ def write_shard(table: pa.Table, output: str, storage_options: dict | None = Non
 
 def _shard_paths(output: str, storage_options: dict | None) -> tuple[object, list[str]]:
     fs, root = get_fs(manifest_prefix(output), storage_options)
+    # fsspec instances are cached per process: drop listings and ETags from an earlier read, or a shard
+    # rewritten since (a retried batch) would be refused as "no longer exists" and its rows lost.
+    fs.invalidate_cache(root)
     try:
         paths = [p for p in fs.find(root) if p.rsplit("/", 1)[-1].startswith("part-")
                  and p.endswith(".parquet")]

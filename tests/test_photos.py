@@ -130,3 +130,30 @@ def test_auto_mode_caps_and_plugin_detector(ray_local, tmp_path):
     photo = read_manifest(str(out2)).iloc[0]
     assert photo["faces_restored"] == 0 and "passed through unchanged" in photo["note"]
     assert np.array_equal(_rgb(photo["restored"]), _rgb(src / "wide.png"))
+
+
+def test_s3_photos_and_a_crash_before_the_commit(ray_local, s3_server, tmp_path):
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket("photos")
+    fs.pipe(f"{bucket}/in/party/blake.jpg", (ROOT / "data" / "photos" / "Blake_Lively.jpg").read_bytes())
+    out, so = f"s3://{bucket}/out", {"endpoint_url": s3_server.endpoint_url}
+    args = [*FAST, "--photos.mode", "photos", "--input", f"s3://{bucket}/in/", "--output", out,
+            "--storage-options", json.dumps(so)]
+    assert restore(args) == 0
+    photo = read_manifest(out, so).set_index("id").loc["party/blake.jpg"]
+    faces = read_manifest(f"{out}/faces", so).set_index("id")
+    assert photo["faces_restored"] == 2 and photo["restored"] == f"s3://{bucket}/out/restored/party/blake.png"
+    assert sorted(faces.index) == ["party/blake.jpg#f00", "party/blake.jpg#f01"]
+    assert faces["restored"].str.startswith(f"s3://{bucket}/out/faces/restored/party/blake_f0").all()
+    assert all(k.startswith(f"{bucket}/out/") for k in fs.find(f"{bucket}/out"))
+    first = fs.cat(f"{bucket}/out/restored/party/blake.png")
+
+    # A crash after the images and face rows were written but before the photo's row: the photo is not
+    # committed, so the rerun redoes it, with the same bytes and without duplicating its face rows.
+    for shard in fs.find(f"{bucket}/out/manifest"):
+        fs.rm(shard)
+    assert restore(args) == 0
+    assert json.loads(fs.cat(f"{bucket}/out/_summary.json"))["ok"] == 1
+    assert fs.cat(f"{bucket}/out/restored/party/blake.png") == first
+    again = read_manifest(f"{out}/faces", so)
+    assert sorted(again["id"]) == sorted(faces.index) and (again["status"] == "ok").all()
