@@ -102,8 +102,9 @@ def init_ray(cluster: ClusterConfig):
             kwargs["num_cpus"] = cluster.num_cpus
         if cluster.num_gpus >= 0:
             kwargs["num_gpus"] = cluster.num_gpus
-        # Workers import models/ and tasks/ from this checkout.
-        ray.init(runtime_env={"env_vars": env}, **kwargs)
+        # Workers import models/ and tasks/ from this checkout. address="local": a fresh Ray of this process,
+        # never a cluster that happens to run on this machine (join one with cluster.address or RAY_ADDRESS).
+        ray.init(address="local", runtime_env={"env_vars": env}, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     return ray
@@ -195,6 +196,35 @@ def finish(summary: Summary, storage_options: dict | None) -> None:
     uri = write_summary(summary.output, summary.as_dict(), storage_options)
     print(summary.text(), file=sys.stderr, flush=True)
     log.info("summary written to %s", uri)
+
+
+def load_config(cls, argv: list[str] | None, doc: str, name: str):
+    """A workflow's config (configs/<name>.yaml + CLI overrides), output made absolute, logging set up."""
+    from tasks.config import load
+
+    cfg = load(cls, argv, doc, ROOT / "configs" / f"{name}.yaml")
+    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
+    setup_logging()
+    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output,
+             describe_storage(cfg.storage_options or None))
+    return cfg
+
+
+def warn_random(summary: Summary, banner: str) -> None:
+    """Say loudly, in the log and in the summary, that outputs come from an untrained network."""
+    log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
+    summary.notes.append(banner)
+
+
+def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
+    """Plan (drop committed ids), then run the pipeline over what is left, counting into the summary."""
+    so = cfg.storage_options or None
+    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
+    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
+    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
+    if len(p.todo):
+        ray = init_ray(cfg.cluster)
+        drain(build_pipeline(cfg, p.todo, ray, version), summary)
 
 
 def setup_logging() -> None:

@@ -18,7 +18,9 @@ def ray_local(s3_server):  # noqa: F811  (the fixture imported above)
     env["PYTHONPATH"] = str(ROOT)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the driver reads S3 the same usual way
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    # address="local": always a fresh Ray, even while another on this machine (ray start --head) is up.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+             log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
