@@ -73,12 +73,20 @@ def _strict_load_error(img: Image.Image) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 16) -> tuple[np.ndarray, dict]:
+# EXIF Orientation tag -> the PIL transpose that makes the image upright (as PIL.ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 16,
+                 exif_orientation: bool = False) -> tuple[np.ndarray, dict]:
     """Decode encoded image bytes to RGB uint8 (H, W, 3), C-contiguous.
 
     Returns (rgb, info) with info = {format, width, height, channels (source), bit_depth (source),
     converted (short note or "")}. Alpha is dropped (as PIL's convert('RGB') does), gray is replicated,
-    16-bit is reduced by rounding x/257. EXIF orientation is ignored, like the reference's PIL path.
+    16-bit is reduced by rounding x/257. EXIF orientation is ignored, like the reference's PIL path, unless
+    exif_orientation (whole photos: a phone's portrait shot must be upright for face detection).
     PIL itself refuses headers above 2 * Image.MAX_IMAGE_PIXELS whatever max_pixels says.
     """
     if not isinstance(data, (bytes, bytearray)):
@@ -134,6 +142,14 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 1
     else:
         raise ImageError(f"unsupported channel count {channels} in {fmt.upper()} data")
 
+    if exif_orientation:
+        try:
+            orientation = img.getexif().get(0x0112)
+        except Exception:  # a malformed EXIF block: keep the pixels as stored
+            orientation = None
+        if orientation in _EXIF_TRANSPOSE:
+            rgb = np.asarray(Image.fromarray(rgb).transpose(_EXIF_TRANSPOSE[orientation]))
+            notes.append(f"EXIF orientation {orientation} applied")
     h, w = rgb.shape[:2]
     if min(w, h) < min_side:  # header and decoder can disagree for odd formats
         raise ImageError(f"image too small: {w}x{h}, each side must be at least {min_side} px ({fmt})")

@@ -55,6 +55,8 @@ class PhotoConfig:
                                 "0 = autoscale from 1 to half the cluster's CPUs (MTCNN costs ~140 ms/face on "
                                 "one CPU thread: a GPU restoring 45 faces/s needs ~7 of them)")
     write_faces: bool = opt(True, "also write each restored face crop to faces/restored/<stem>_fNN.png")
+    exif_orientation: bool = opt(True, "turn photos upright by their EXIF Orientation tag before detection (the "
+                                       "restored photo is written upright, without EXIF)")
     detector: DetectorConfig = DetectorConfig(device="cpu")
     align: AlignConfig = AlignConfig()
 
@@ -77,11 +79,12 @@ class LoadPhotos:
     """Ray Data batch function: (id, source, stem, key_error) -> + photo (any size), kind, status, error."""
 
     def __init__(self, mode: str, max_pixels: int, min_side: int, specs: dict[str, Sampled], job_seed: int,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, exif_orientation: bool = True):
         if mode not in MODES[1:]:
             raise ValueError(f"photos.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.max_pixels, self.min_side = mode, max_pixels, min_side
         self.specs, self.job_seed, self.storage_options = specs, int(job_seed), storage_options
+        self.exif_orientation = exif_orientation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -98,7 +101,8 @@ class LoadPhotos:
             try:
                 if isinstance(raw, Exception):
                     raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
-                rgb, info = decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side)
+                rgb, info = decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side,
+                                         exif_orientation=self.exif_orientation)
                 photos[k], fmt[k], conv[k] = rgb, info["format"], info["converted"]
                 width[k], height[k] = info["width"], info["height"]
                 if self.mode == "auto" and rgb.shape[0] == rgb.shape[1]:
