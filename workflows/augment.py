@@ -9,7 +9,6 @@ tasks) -> manifest shard (CPU tasks). A rerun with the same output finishes only
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,27 +20,23 @@ if __package__ in (None, ""):  # run as a script (python workflows/augment.py): 
 import pyarrow as pa
 
 from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
-from tasks.config import load, opt
+from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.pipeline import (
-    ROOT,
     ClusterConfig,
     ResumeConfig,
     Summary,
-    absolute_output,
     actor_pool,
     as_task,
     blocks,
     code_version,
     config_hash,
-    describe_storage,
-    drain,
     finish,
-    init_ray,
-    plan,
-    setup_logging,
+    load_config,
+    process,
+    warn_random,
 )
 from tasks.weights import RANDOM_INIT, check_weights_exist
 
@@ -92,11 +87,8 @@ def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg: AugmentConfig = load(AugmentConfig, argv, __doc__, ROOT / "configs" / "augment.yaml")
-    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
-    setup_logging()
+    cfg: AugmentConfig = load_config(AugmentConfig, argv, __doc__, "augment")
     so = cfg.storage_options or None
-    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
     weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
@@ -107,16 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary("augment", cfg.output, weights=weights or random_label, code_version=version,
                       config_hash=config_hash(cfg))
     if not weights:
-        banner = ("RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of an "
-                  "untrained network, NOT a DR2 restoration. The manifest says weights=random-init.")
-        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
-        summary.notes.append(banner)
-    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
-    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
-    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
-    if len(p.todo):
-        ray = init_ray(cfg.cluster)
-        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+        warn_random(summary, "RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of "
+                             "an untrained network, NOT a DR2 restoration. The manifest says weights=random-init.")
+    process(cfg, summary, build_pipeline, version)
     finish(summary, so)
     return 0
 

@@ -12,7 +12,6 @@ per (sample, method); at the end FID is computed from the committed feature shar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -33,29 +32,25 @@ from tasks.benchmark_stage import (
     MetricsConfig,
     fid_scores,
 )
-from tasks.config import load, opt
+from tasks.config import opt
 from tasks.dr2_stage import DR2Config, RuntimeConfig
 from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, has_dynamic, parse_methods_with_dynamic
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
 from tasks.metrics import METRIC_NAMES
 from tasks.pipeline import (
-    ROOT,
     ClusterConfig,
     ResumeConfig,
     Summary,
-    absolute_output,
     actor_pool,
     as_task,
     blocks,
     code_version,
     config_hash,
-    describe_storage,
-    drain,
     finish,
-    init_ray,
-    plan,
-    setup_logging,
+    load_config,
+    process,
+    warn_random,
 )
 from tasks.report import write_report
 from tasks.restore_stage import EnhancerConfig
@@ -126,12 +121,9 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg: BenchmarkConfig = load(BenchmarkConfig, argv, __doc__, ROOT / "configs" / "benchmark.yaml")
-    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
+    cfg: BenchmarkConfig = load_config(BenchmarkConfig, argv, __doc__, "benchmark")
     parse_methods_with_dynamic(cfg.methods)
-    setup_logging()
     so = cfg.storage_options or None
-    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
     weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
@@ -141,14 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary("benchmark", cfg.output, weights=weights or RANDOM_INIT, code_version=version,
                       config_hash=config_hash(cfg))
     if not weights:
-        banner = "RANDOM-INIT DR2: the DR2 methods' numbers describe an untrained network, not DR2."
-        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
-        summary.notes.append(banner)
-    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
-    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
-    if len(p.todo):
-        ray = init_ray(cfg.cluster)
-        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+        warn_random(summary, "RANDOM-INIT DR2: the DR2 methods' numbers describe an untrained network, not DR2.")
+    process(cfg, summary, build_pipeline, version)
     df = read_manifest(cfg.output, so)
     fid = fid_scores(cfg.output, so) if "fid" in cfg.metrics.names else {}
     unavailable = _unavailable(cfg, df)

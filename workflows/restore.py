@@ -15,7 +15,6 @@ feathered paste-back + write (CPU tasks) -> one manifest row per photo (manifest
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 import pyarrow as pa
 
-from tasks.config import load, opt
+from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
 from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig, DynamicStage
 from tasks.load_stage import ImageConfig, LoadFaces
@@ -41,22 +40,18 @@ from tasks.photo_stage import (
     PhotoRestore,
 )
 from tasks.pipeline import (
-    ROOT,
     ClusterConfig,
     ResumeConfig,
     Summary,
-    absolute_output,
     actor_pool,
     as_task,
     blocks,
     code_version,
     config_hash,
-    describe_storage,
-    drain,
     finish,
-    init_ray,
-    plan,
-    setup_logging,
+    load_config,
+    process,
+    warn_random,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
 from tasks.weights import RANDOM_INIT, check_weights_exist
@@ -108,6 +103,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
     ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
                                 min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so,
+                                exif_orientation=ph.exif_orientation,
                                 specs={} if dynamic else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
                         batch_size=ph.batch_size, num_cpus=1)
     detect_pool = (ray.data.ActorPoolStrategy(size=ph.detect_actors) if ph.detect_actors > 0 else
@@ -172,11 +168,8 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg: RestoreConfig = load(RestoreConfig, argv, __doc__, ROOT / "configs" / "restore.yaml")
-    cfg = dataclasses.replace(cfg, output=absolute_output(cfg.output))
-    setup_logging()
+    cfg: RestoreConfig = load_config(RestoreConfig, argv, __doc__, "restore")
     so = cfg.storage_options or None
-    log.info("input %s -> output %s (storage options %s)", cfg.input, cfg.output, describe_storage(so))
     if cfg.method not in ("dr2", "dynamic"):
         log.error("--method must be dr2 or dynamic, got %r", cfg.method)
         return 2
@@ -205,16 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     random_parts = [p for p, w in ((net_name, weights), ("enhancer", cfg.enhancer.weights or
                                                        cfg.enhancer.name in ("none", "bicubic"))) if not w]
     if random_parts:
-        banner = (f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are NOT "
-                  "restorations. The manifest's weights columns say random-init.")
-        log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
-        summary.notes.append(banner)
-    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
-    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
-    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
-    if len(p.todo):
-        ray = init_ray(cfg.cluster)
-        drain(build_pipeline(cfg, p.todo, ray, version), summary)
+        warn_random(summary, f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are "
+                             "NOT restorations. The manifest's weights columns say random-init.")
+    process(cfg, summary, build_pipeline, version)
     finish(summary, so)
     return 0
 
