@@ -8,6 +8,7 @@ The model is built and its weights loaded once, in __init__.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -106,15 +107,21 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class DR2Stage:
-    """Ray Data callable class: the network is built once per actor."""
+def autocast_on(dtype: torch.dtype | None):
+    """CUDA autocast to dtype, or nothing (fp32, CPU)."""
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
-        self.cfg, self.runtime, self.seed = dr2, runtime, int(seed)
-        self.device = resolve_device(runtime.device)
+
+class NetworkHost:
+    """What every stage running a diffusion network shares: the actor's device and threads, the network
+    placed for inference (eval, no grad; on CUDA channels_last and bf16/fp16 autocast per runtime), and
+    `_network(x, t)`, the call the samplers make (it reads self.model, so a benchmark may swap in a compiled one).
+    """
+
+    def _place(self, model: torch.nn.Module, runtime: RuntimeConfig) -> None:
+        self.runtime, self.device = runtime, resolve_device(runtime.device)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, runtime.torch_threads or int(runtime.cpus_per_actor)))
-        model, self.weights = build_dr2_unet(dr2, storage_options=storage_options)
         model = model.eval().requires_grad_(False).to(self.device)
         self.autocast = None
         if self.device.type == "cuda":
@@ -125,19 +132,26 @@ class DR2Stage:
             elif runtime.precision != "fp32":
                 raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {runtime.precision!r}")
         self.model = model
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_on(self.autocast):
+            return self.model(x, t)
+
+
+class DR2Stage(NetworkHost):
+    """Ray Data callable class: the network is built once per actor."""
+
+    def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
+        self.cfg, self.seed = dr2, int(seed)
+        model, self.weights = build_dr2_unet(dr2, storage_options=storage_options)
+        self._place(model, runtime)
         self.schedule = dr2_schedule()
         if self.weights.startswith(RANDOM_INIT):
             log.warning("DR2 stage on %s runs a RANDOM-INIT network (%s): outputs are not restorations",
                         self.device, self.weights)
         log.info("DR2 stage ready on %s (pid %d, weights %s)", self.device, os.getpid(), self.weights)
-
-    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast is not None:
-            with torch.autocast("cuda", dtype=self.autocast):
-                return self.model(x, t)
-        return self.model(x, t)
 
     @torch.inference_mode()
     def restore_float(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
 from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
 from tasks.config import opt
-from tasks.dr2_stage import TINY_UNET, RuntimeConfig, resolve_device, to_model_range, to_uint8
+from tasks.dr2_stage import TINY_UNET, NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
 from tasks.images import resize_to
 from tasks.metrics import MetricSuite
 from tasks.restore_stage import EnhancerConfig, build_enhancer
@@ -160,31 +160,19 @@ def build_estimator(cfg: DynamicConfig, device: torch.device, storage_options: d
     return dblm, dblm.identity
 
 
-class DynamicStage:
+class DynamicStage(NetworkHost):
     """Ray Data callable class: prior, DSST table, estimator and (optionally) enhancer built once per actor."""
 
     def __init__(self, dynamic: DynamicConfig, enhancer: EnhancerConfig | None, runtime: RuntimeConfig, seed: int,
                  storage_options: dict | None = None):
-        self.cfg, self.runtime, self.seed = dynamic, runtime, int(seed)
+        self.cfg, self.seed = dynamic, int(seed)
         if dynamic.guide_source not in ("input", "dr2"):
             raise ValueError(f"dynamic.guide_source must be input or dr2, got {dynamic.guide_source!r}")
         if dynamic.guide_source == "dr2" and dynamic.prior not in DR2_PRIORS:
             raise ValueError(f"dynamic.guide_source dr2 runs DR2 with the prior network: needs a prior in "
                              f"{DR2_PRIORS}, got {dynamic.prior!r}")
-        self.device = resolve_device(runtime.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, runtime.torch_threads or int(runtime.cpus_per_actor)))
         model, self.weights, self.native_size = build_prior(dynamic, storage_options=storage_options)
-        model = model.eval().requires_grad_(False).to(self.device)
-        self.autocast = None
-        if self.device.type == "cuda":
-            if runtime.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            if runtime.precision in ("bf16", "fp16"):
-                self.autocast = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
-            elif runtime.precision != "fp32":
-                raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {runtime.precision!r}")
-        self.model = model
+        self._place(model, runtime)
         self.schedule = respaced_linear_schedule(1000, dynamic.respacing)
         self.table = DSSTTable.load(resolve_path(dynamic.dsst))
         self.estimator, self.estimator_identity = build_estimator(dynamic, self.device, storage_options)
@@ -201,14 +189,6 @@ class DynamicStage:
 
     def model_size(self, input_size: int) -> int:
         return self.cfg.size or self.native_size or input_size
-
-    def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.autocast is not None:
-            with torch.autocast("cuda", dtype=self.autocast):
-                return self.model(x, t)
-        return self.model(x, t)
 
     @torch.inference_mode()
     def restore_float(self, images: np.ndarray, ids: list[str]) -> tuple[torch.Tensor, list[DynParams], list[dict]]:
@@ -242,10 +222,8 @@ class DynamicStage:
         return x0, params, info
 
     def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.autocast is not None:
-            with torch.autocast("cuda", dtype=self.autocast):
-                return enhance(self.enhancer, x0, self.size_out)
-        return enhance(self.enhancer, x0, self.size_out)
+        with autocast_on(self.autocast):
+            return enhance(self.enhancer, x0, self.size_out)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

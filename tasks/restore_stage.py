@@ -16,7 +16,15 @@ import torch
 
 from models.enhancers import BUILTIN, enhance
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, resolve_device, to_model_range, to_uint8
+from tasks.dr2_stage import (
+    DR2Config,
+    DR2Stage,
+    RuntimeConfig,
+    autocast_on,
+    resolve_device,
+    to_model_range,
+    to_uint8,
+)
 from tasks.weights import RANDOM_INIT, load_weights
 
 log = logging.getLogger(__name__)
@@ -75,10 +83,8 @@ class RestoreStage:
         self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.dr2.device, storage_options)
 
     def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.dr2.autocast is not None:
-            with torch.autocast("cuda", dtype=self.dr2.autocast):
-                return enhance(self.enhancer, x0, self.size)
-        return enhance(self.enhancer, x0, self.size)
+        with autocast_on(self.dr2.autocast):
+            return enhance(self.enhancer, x0, self.size)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
