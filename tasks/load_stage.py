@@ -7,6 +7,7 @@ reason and a zero image, so the manifest accounts for every input and the job ne
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,34 +55,53 @@ class LoadFaces:
         self.storage_options = storage_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n, size = len(batch["id"]), self.image.size
-        images = np.zeros((n, size, size, 3), dtype=np.uint8)
-        status, error = ["ok"] * n, [""] * n
-        fmt, conv = [""] * n, [""] * n
-        width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        todo = [k for k in range(n) if not batch["key_error"][k]]
-        for k in range(n):
-            if batch["key_error"][k]:
-                status[k], error[k] = "error", str(batch["key_error"][k])
-        data = read_sources([str(batch["source"][k]) for k in todo], self.storage_options)
-        for k, raw in zip(todo, data):
-            try:
-                if isinstance(raw, Exception):
-                    raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
-                rgb, info = decode_image(raw, max_pixels=self.image.max_pixels, min_side=self.image.min_side)
-                fmt[k], conv[k] = info["format"], info["converted"]
-                width[k], height[k] = info["width"], info["height"]
-                images[k] = prepare_face(rgb, size, self.image.non_square)
-            except ImageError as e:
-                status[k], error[k] = "error", str(e)
-            except Exception as e:  # an unexpected decoder failure is still one sample's problem
-                status[k], error[k] = "error", f"{type(e).__name__}: {e}"
-        out = dict(batch)
-        out.update(image=images, status=np.array(status, dtype=object), error=np.array(error, dtype=object),
-                   src_format=np.array(fmt, dtype=object), src_converted=np.array(conv, dtype=object),
-                   src_width=width, src_height=height)
+        size = self.image.size
+
+        def decode(raw: bytes) -> tuple[np.ndarray, dict]:
+            rgb, info = decode_image(raw, max_pixels=self.image.max_pixels, min_side=self.image.min_side)
+            return prepare_face(rgb, size, self.image.non_square), info
+
+        pixels, out = load_rows(batch, decode, self.storage_options)
+        images = np.zeros((len(pixels), size, size, 3), dtype=np.uint8)
+        for k, face in enumerate(pixels):
+            if face is not None:
+                images[k] = face
+        out["image"] = images
         out.update(param_columns(batch, self.specs, self.job_seed))
         return out
+
+
+def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.ndarray, dict]],
+              storage_options: dict | None) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
+    """Read every row's source and decode it: (pixels per row, None where it failed; the batch plus status,
+    error and src_* columns). A bad input is its row's error, with the reason; the batch never fails on one."""
+    n = len(batch["id"])
+    pixels: list[np.ndarray | None] = [None] * n
+    status, error = ["ok"] * n, [""] * n
+    fmt, conv = [""] * n, [""] * n
+    width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    todo = [k for k in range(n) if not batch["key_error"][k]]
+    for k in range(n):
+        if batch["key_error"][k]:
+            status[k], error[k] = "error", str(batch["key_error"][k])
+    data = read_sources([str(batch["source"][k]) for k in todo], storage_options)
+    for k, raw in zip(todo, data):
+        try:
+            if isinstance(raw, Exception):
+                raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
+            rgb, info = decode(raw)
+            fmt[k], conv[k] = info["format"], info["converted"]
+            width[k], height[k] = info["width"], info["height"]
+            pixels[k] = rgb
+        except ImageError as e:
+            status[k], error[k] = "error", str(e)
+        except Exception as e:  # an unexpected decoder failure is still one sample's problem
+            status[k], error[k] = "error", f"{type(e).__name__}: {e}"
+    out = dict(batch)
+    out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
+               src_format=np.array(fmt, dtype=object), src_converted=np.array(conv, dtype=object),
+               src_width=width, src_height=height)
+    return pixels, out
 
 
 def param_columns(batch: dict[str, np.ndarray], specs: dict[str, Sampled], job_seed: int) -> dict[str, np.ndarray]:

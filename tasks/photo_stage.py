@@ -25,8 +25,8 @@ import pyarrow as pa
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces
 from tasks.config import Sampled, opt
 from tasks.detect import DetectorConfig, build_detector
-from tasks.images import ImageError, decode_image, encode_png, resize_to
-from tasks.load_stage import param_columns, read_sources
+from tasks.images import decode_image, encode_png, resize_to
+from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
 from tasks.storage import get_fs, join_under, write_bytes
 
@@ -87,34 +87,15 @@ class LoadPhotos:
         self.exif_orientation = exif_orientation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        photos = [np.zeros((1, 1, 3), np.uint8) for _ in range(n)]
-        status, error, kind = ["ok"] * n, [""] * n, ["photo"] * n
-        fmt, conv = [""] * n, [""] * n
-        width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        todo = [k for k in range(n) if not batch["key_error"][k]]
-        for k in range(n):
-            if batch["key_error"][k]:
-                status[k], error[k] = "error", str(batch["key_error"][k])
-        data = read_sources([str(batch["source"][k]) for k in todo], self.storage_options)
-        for k, raw in zip(todo, data):
-            try:
-                if isinstance(raw, Exception):
-                    raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
-                rgb, info = decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side,
-                                         exif_orientation=self.exif_orientation)
-                photos[k], fmt[k], conv[k] = rgb, info["format"], info["converted"]
-                width[k], height[k] = info["width"], info["height"]
-                if self.mode == "auto" and rgb.shape[0] == rgb.shape[1]:
-                    kind[k] = "aligned"
-            except ImageError as e:
-                status[k], error[k] = "error", str(e)
-            except Exception as e:  # an unexpected decoder failure is still one photo's problem
-                status[k], error[k] = "error", f"{type(e).__name__}: {e}"
-        out = dict(batch)
-        out.update(photo=_objects(photos), kind=np.array(kind, dtype=object), status=np.array(status, dtype=object),
-                   error=np.array(error, dtype=object), src_format=np.array(fmt, dtype=object),
-                   src_converted=np.array(conv, dtype=object), src_width=width, src_height=height)
+        def decode(raw: bytes) -> tuple[np.ndarray, dict]:
+            return decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side,
+                                exif_orientation=self.exif_orientation)
+
+        pixels, out = load_rows(batch, decode, self.storage_options)
+        kind = ["aligned" if self.mode == "auto" and p is not None and p.shape[0] == p.shape[1] else "photo"
+                for p in pixels]
+        out["photo"] = _objects([np.zeros((1, 1, 3), np.uint8) if p is None else p for p in pixels])
+        out["kind"] = np.array(kind, dtype=object)
         out.update(param_columns(batch, self.specs, self.job_seed))
         return out
 
