@@ -300,6 +300,62 @@ def test_frechet_distance_references():
     assert np.isfinite(M.fid_from_stats(low, st))
 
 
+def _sqrtm_fid(mu1, s1, mu2, s2):
+    """The textbook computation the eigh form replaced: scipy sqrtm of the non-symmetric product."""
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(linalg.sqrtm(s1 @ s2)))
+
+
+def _features_fid(f1, f2):
+    """Exact from the features: Tr sqrtm(S1 S2) = nuclear norm of X1c X2c^T / sqrt((n1 - 1)(n2 - 1))."""
+    x1, x2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    dmu = f1.mean(0) - f2.mean(0)
+    tr = linalg.svdvals(x1 @ x2.T).sum() / np.sqrt((len(f1) - 1) * (len(f2) - 1))
+    return dmu @ dmu + np.trace(np.cov(f1, rowvar=False)) + np.trace(np.cov(f2, rowvar=False)) - 2 * tr
+
+
+@pytest.mark.parametrize("n1, n2", [(400, 500), (100, 150), (60, 300)], ids=["full-rank", "rank-def", "rank-def-1"])
+def test_frechet_distance_256d_against_scipy_sqrtm(n1, n2):
+    """256-d pool3-like statistics (ReLU-ish features through a random, ill-conditioned mixing).
+
+    With fewer samples than dimensions both covariances are singular; scipy's sqrtm of the singular product
+    then carries ~6e-8 relative error from the square roots of round-off eigenvalues, which the eigh form
+    zeroes (it matches the exact nuclear-norm value from the features to ~1e-13) when the lower-rank
+    covariance comes first.
+    """
+    rng = np.random.default_rng(n1)
+    d = 256
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    f1 = np.abs(rng.normal(size=(n1, d))) @ mix
+    f2 = np.abs(rng.normal(size=(n2, d))) @ mix + 0.05
+    a, b = M.FIDStats(d).update(f1), M.FIDStats(d).update(f2)
+    got = M.frechet_distance(a.mean, a.cov, b.mean, b.cov)  # lower-rank covariance first: exact
+    assert got == pytest.approx(_sqrtm_fid(a.mean, a.cov, b.mean, b.cov), rel=1e-6 if n1 < d else 1e-8)
+    assert got == pytest.approx(_features_fid(f1, f2), rel=1e-10)
+    # the other order: round-off in A's null space, ~1e-8 relative like sqrtm; fid_from_stats reorders
+    assert M.frechet_distance(b.mean, b.cov, a.mean, a.cov) == pytest.approx(got, rel=1e-6)
+    assert M.fid_from_stats(b, a) == M.fid_from_stats(a, b) == got
+    # identical statistics: 0 up to round-off and never negative (clamped), also when accumulated differently
+    for x, f in ((a, f1), (b, f2)):
+        for y in (x, M.FIDStats(d).update(f[::-1])):
+            assert 0.0 <= M.fid_from_stats(x, y) < 1e-8
+
+
+def test_frechet_distance_rejects_non_covariances():
+    rng = np.random.default_rng(3)
+    d = 8
+    mu, s = rng.normal(size=d), _random_spd(rng, d)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        M.frechet_distance(mu, -s, mu, s)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        M.frechet_distance(mu, s, mu, s - 2 * np.eye(d) * np.linalg.eigvalsh(s).max())
+    with pytest.raises(ValueError, match="NaN"):
+        M.frechet_distance(mu, np.full((d, d), np.nan), mu, s)
+    with pytest.raises(ValueError, match="shape"):
+        M.frechet_distance(mu, s, mu[:-1], s[:-1, :-1])
+    # zero covariance (one repeated feature): the distance is the squared mean difference plus Tr(S2)
+    assert M.frechet_distance(mu, np.zeros((d, d)), mu + 1, s) == pytest.approx(d + np.trace(s), rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def inception_state(tmp_path_factory):
     from torchvision.models import inception_v3
