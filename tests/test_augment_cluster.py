@@ -54,6 +54,21 @@ def _raw_ids(out: Path) -> list[str]:
     return sorted(pd.concat([pd.read_parquet(p, columns=["id"]) for p in shards])["id"]) if shards else []
 
 
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process of its session: Ray's workers run in process groups of their own
+    (a killpg of the driver's group leaves them finishing their tasks), but they stay in its session."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], capture_output=True)
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the killed job still running: {left}")
+
+
 def test_killed_job_rerun_ends_with_every_input_exactly_once(tmp_path):
     ids = _faces(tmp_path / "in", 16, size=48)
     out = tmp_path / "out"
@@ -69,8 +84,7 @@ def test_killed_job_rerun_ends_with_every_input_exactly_once(tmp_path):
         tail = (tmp_path / "first.log").read_text()[-2000:]
         assert proc.poll() is None, "the job ended before it could be interrupted: " + tail
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
+        _kill_session(proc)
     committed = _raw_ids(out)
     assert 0 < len(committed) < len(ids), len(committed)
     rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
