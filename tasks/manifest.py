@@ -26,6 +26,7 @@ from tasks.weights import RANDOM_INIT
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
+BUSY_COLUMN = "actor_busy"  # per row: "actor=seconds;..." from the timed model stages it went through
 SUMMARY_FILE = "_summary.json"
 
 # Columns every workflow writes; workflows add their own (typed at write time from the batch).
@@ -121,6 +122,17 @@ def now_ms() -> pd.Timestamp:
     return pd.Timestamp(time.time_ns() // 1_000_000, unit="ms", tz="UTC")
 
 
+def busy_by_actor(values) -> dict[str, float]:
+    """Sum a BUSY_COLUMN over rows: {actor: seconds}."""
+    busy: dict[str, float] = {}
+    for v in values:
+        for part in str(v or "").split(";"):
+            if "=" in part:
+                actor, _, seconds = part.rpartition("=")
+                busy[actor] = busy.get(actor, 0.0) + float(seconds)
+    return busy
+
+
 class ManifestWriter:
     """Ray Data batch function, the pipeline's last stage: one shard per batch; returns shard stats.
 
@@ -155,5 +167,7 @@ class ManifestWriter:
         table = self.table(batch)
         uri = write_shard(table, self.output, self.storage_options)
         status = np.asarray(batch["status"])
+        busy = busy_by_actor(batch.get(BUSY_COLUMN, []))
         return {"shard": np.array([uri], dtype=object), "rows": np.array([len(status)]),
-                "ok": np.array([int((status == "ok").sum())]), "error": np.array([int((status != "ok").sum())])}
+                "ok": np.array([int((status == "ok").sum())]), "error": np.array([int((status != "ok").sum())]),
+                "busy": np.array([json.dumps(busy)], dtype=object)}

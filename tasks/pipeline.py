@@ -11,17 +11,19 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.config import opt, to_dict
 from tasks.listing import list_inputs
-from tasks.manifest import committed_ids, manifest_prefix, write_summary
+from tasks.manifest import BUSY_COLUMN, committed_ids, manifest_prefix, write_summary
 from tasks.storage import redact
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,29 @@ def as_task(stage_cls, **kwargs):
     return run
 
 
+def timed(stage_cls):
+    """The stage class with each call's wall time recorded on its rows (BUSY_COLUMN), per actor.
+
+    The manifest writer sums them and the run's summary reports how busy the model actors were: time inside
+    the stage / (actors x wall time). Below ~90% the model waits for the CPU stages (or for start-up).
+    """
+
+    class Timed(stage_cls):
+        def __call__(self, batch):
+            t0 = time.perf_counter()
+            out = super().__call__(batch)  # outputs are host arrays: device work has finished
+            n = len(out["id"])
+            per_row = (time.perf_counter() - t0) / max(n, 1)
+            tag = f"{stage_cls.__name__}@{socket.gethostname()}:{os.getpid()}={per_row!r}"
+            prev = out.get(BUSY_COLUMN)
+            out[BUSY_COLUMN] = np.array([tag if prev is None or not prev[k] else f"{prev[k]};{tag}" for k in range(n)],
+                                        dtype=object)
+            return out
+
+    Timed.__name__ = Timed.__qualname__ = stage_cls.__name__  # Ray Data names the operator after it
+    return Timed
+
+
 def absolute_output(uri: str) -> str:
     """Local outputs become absolute paths, so manifest URIs stay valid from any working directory."""
     return uri if "://" in uri else os.path.abspath(uri)
@@ -156,7 +181,13 @@ class Summary:
     weights: str = ""
     code_version: str = ""
     config_hash: str = ""
+    busy: dict[str, float] = field(default_factory=dict)  # model actor -> seconds inside its stage
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def actor_utilisation(self) -> float:
+        """Time the model actors spent inside their stage / (actors x wall time)."""
+        return sum(self.busy.values()) / (len(self.busy) * self.seconds) if self.busy and self.seconds > 0 else 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -165,6 +196,7 @@ class Summary:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["images_per_s"] = round(self.images_per_s, 4)
+        d["actor_utilisation"] = round(self.actor_utilisation, 4)
         d["manifest"] = manifest_prefix(self.output)
         d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return d
@@ -177,6 +209,10 @@ class Summary:
             f"  manifest: {manifest_prefix(self.output)}",
             f"  weights: {self.weights}   code: {self.code_version}",
         ]
+        if self.busy:
+            lines.append(f"  model actors: {len(self.busy)}, busy {100 * self.actor_utilisation:.0f}% of the run "
+                         f"({sum(self.busy.values()):.1f} actor-s inside their stage; below ~90% they wait for "
+                         "the CPU stages or start-up)")
         lines += [f"  NOTE: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -188,6 +224,9 @@ def drain(ds, summary: Summary) -> Summary:
         summary.ok += int(batch["ok"].sum())
         summary.error += int(batch["error"].sum())
         summary.shards += len(batch["shard"])
+        for stats in batch.get("busy", []):
+            for actor, seconds in json.loads(stats).items():
+                summary.busy[actor] = summary.busy.get(actor, 0.0) + seconds
     summary.seconds = time.perf_counter() - t0
     return summary
 

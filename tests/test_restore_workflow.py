@@ -77,6 +77,11 @@ def test_restore_shared_and_separate_topologies(ray_local, tmp_path):
     assert restore([*args, "--output", str(tmp_path / "separate"), "--topology", "separate"]) == 0
     a = read_manifest(str(tmp_path / "shared")).set_index("id")
     b = read_manifest(str(tmp_path / "separate")).set_index("id")
+    # The summary says how busy the model actors were: one pool in shared, two in separate.
+    for topology, stages in (("shared", {"RestoreStage"}), ("separate", {"DR2Stage", "EnhanceStage"})):
+        summary = json.loads((tmp_path / topology / "_summary.json").read_text())
+        assert {actor.split("@")[0] for actor in summary["busy"]} == stages
+        assert all(s > 0 for s in summary["busy"].values()) and 0 < summary["actor_utilisation"] <= 1.0
     assert sorted(a.index) == sorted(ids) and a.loc["broken.png", "status"] == "error"
     assert (a["enhancer"] == "sparnethd").all() and (a.loc[a.status == "ok", "enhancer_weights"]
                                                      == "random-init:sparnethd").all()
@@ -99,3 +104,26 @@ def test_per_sample_settings_from_an_input_list(ray_local, tmp_path):
     df = read_manifest(str(out)).sort_values("N")
     assert df[["N", "tau", "omega"]].values.tolist() == [[2, 5, 15], [4, 9, 29]]
     assert (df["enhancer_weights"] == "bicubic").all() and df["dr2"].isna().all()
+
+
+def test_timed_stage_records_busy_time_per_actor_across_stages():
+    import time
+
+    from tasks.manifest import BUSY_COLUMN, busy_by_actor
+    from tasks.pipeline import timed
+
+    class Slow:
+        def __init__(self, pause: float):
+            self.pause = pause
+
+        def __call__(self, batch):
+            time.sleep(self.pause)
+            return batch
+
+    first, second = timed(Slow)(0.2), timed(Slow)(0.1)
+    assert type(first).__name__ == "Slow"  # Ray Data names the operator after the class
+    out = second(first({"id": np.array(["a", "b"])}))
+    assert all(v.count(";") == 1 for v in out[BUSY_COLUMN])  # both stages on every row
+    busy = busy_by_actor(out[BUSY_COLUMN])
+    assert len(busy) == 1  # same process: one actor id (Slow@host:pid), both calls summed
+    assert 0.3 <= sum(busy.values()) < 0.6

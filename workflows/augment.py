@@ -36,6 +36,7 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    timed,
     warn_random,
 )
 from tasks.weights import RANDOM_INIT, check_weights_exist
@@ -73,7 +74,7 @@ def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
     ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
                                 specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau, "sigma": cfg.blur.sigma}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(DR2Stage, fn_constructor_kwargs=dict(
+    ds = ds.map_batches(timed(DR2Stage), fn_constructor_kwargs=dict(
         dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))  # Ray restarts dead actors and retries their batches

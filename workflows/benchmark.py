@@ -50,6 +50,7 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    timed,
     warn_random,
 )
 from tasks.report import write_report
@@ -106,7 +107,7 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
                                 storage_options=so, keep_pixels=True),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
-    ds = ds.map_batches(DynamicBenchmarkStage if dyn else BenchmarkStage, fn_constructor_kwargs=dict(
+    ds = ds.map_batches(timed(DynamicBenchmarkStage if dyn else BenchmarkStage), fn_constructor_kwargs=dict(
         methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
         seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,

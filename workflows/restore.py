@@ -51,6 +51,7 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    timed,
     warn_random,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
@@ -113,7 +114,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     stage_cls, stage_kwargs = (DynamicStage, dict(dynamic=cfg.dynamic)) if dynamic else (RestoreStage,
                                                                                        dict(dr2=cfg.dr2))
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
-    ds = ds.map_batches(PhotoRestore, fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
+    ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
                                                                  chunk=cfg.runtime.batch_size),
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
@@ -141,18 +142,18 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                  compute=ray.data.ActorPoolStrategy(size=pool))
     if dynamic:  # one actor: estimator + dynamic sampler + enhancer (topology does not apply)
-        ds = ds.map_batches(DynamicStage, fn_constructor_kwargs=dict(
+        ds = ds.map_batches(timed(DynamicStage), fn_constructor_kwargs=dict(
             dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
             num_gpus=gpus, **actor)
     elif cfg.topology == "shared":
-        ds = ds.map_batches(RestoreStage, fn_constructor_kwargs=dict(
+        ds = ds.map_batches(timed(RestoreStage), fn_constructor_kwargs=dict(
             dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
             num_gpus=gpus, **actor)
     elif cfg.topology == "separate":
         half = gpus / 2 if gpus else 0.0  # both pools share each GPU
-        ds = ds.map_batches(DR2Stage, fn_constructor_kwargs=dict(
+        ds = ds.map_batches(timed(DR2Stage), fn_constructor_kwargs=dict(
             dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so), num_gpus=half, **actor)
-        ds = ds.map_batches(EnhanceStage, fn_constructor_kwargs=dict(
+        ds = ds.map_batches(timed(EnhanceStage), fn_constructor_kwargs=dict(
             enhancer=cfg.enhancer, runtime=cfg.runtime, storage_options=so), num_gpus=half, **actor)
     else:
         raise ValueError(f"topology must be 'shared' or 'separate', got {cfg.topology!r}")
