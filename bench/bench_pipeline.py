@@ -401,7 +401,8 @@ def run_pipeline(argv: list[str], rows: list[tuple[str, str]], work: Path, name:
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return Run("pipeline", summary["ok"], summary["seconds"], summary["ok"] / summary["seconds"],
-               memory=sampler.result, wall_s=wall, extra={"summary_images_per_s": summary["images_per_s"]})
+               memory=sampler.result, wall_s=wall, extra={"summary_images_per_s": summary["images_per_s"],
+                                                          "actor_busy": summary.get("actor_utilisation")})
 
 
 class ModelOnly:
@@ -454,14 +455,15 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def render_table(rows: list[Run]) -> str:
-    head = ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB", "store_MiB"]
+    head = ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB", "store_MiB", "busy%"]
     body = []
     for r in rows:
         m = r.memory
         body.append([r.mode, str(r.images), fmt(r.seconds, ".2f"), fmt(r.images_per_s, ".4f"), fmt(r.ratio, ".3f"),
                      fmt(m.mem_delta_mib if m and m.samples else None, ".0f"),
                      fmt(m.rss_delta_mib if m and m.samples else None, ".0f"),
-                     fmt(m.store_peak_mib if m else None, ".1f")])
+                     fmt(m.store_peak_mib if m else None, ".1f"),
+                     fmt(100 * r.extra["actor_busy"] if r.extra.get("actor_busy") is not None else None, ".0f")])
     widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -474,7 +476,8 @@ COLUMNS = """table: mode (pipeline = workflows.augment end to end; pipeline-marg
 seconds the 10N run took, i.e. without the fixed start-up and drain cost; model-only = DR2Stage.restore over all
 batches); images; seconds (pipeline: drain time from _summary.json; model-only: the timed loop); images/s; ratio
 (images/s over model-only's); mem_MiB / rss_MiB (peak of the summed --mem-metric / RSS of this process and every
-Ray process, above the idle level just before the run); store_MiB (peak bytes in Ray's object store in the run).
+Ray process, above the idle level just before the run); store_MiB (peak bytes in Ray's object store in the run);
+busy% (pipeline: the DR2 actors' time inside their stage over actors x drain time, from _summary.json).
 With --repeats R > 1 the N-image rows are medians over R interleaved pipeline/model-only pairs."""
 
 
@@ -690,8 +693,10 @@ def _run(args: argparse.Namespace) -> dict:
     def median_run(group: list[Run]) -> Run:
         ips = statistics.median(r.images_per_s for r in group)
         first = group[0]
+        busy = [r.extra["actor_busy"] for r in group if r.extra.get("actor_busy") is not None]
         return Run(first.mode, first.images, statistics.median(r.seconds for r in group), ips,
-                   memory=first.memory, repeat=-1 if len(group) > 1 else 0)
+                   memory=first.memory, repeat=-1 if len(group) > 1 else 0,
+                   extra={"actor_busy": statistics.median(busy)} if busy else {})
 
     model_row = median_run(pick("model-only", args.images))
     pipe_row = median_run(pick("pipeline", args.images))
