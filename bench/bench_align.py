@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ if __package__ in (None, ""):  # `python bench/bench_align.py` without scripts/e
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import cpu_name  # noqa: E402
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces, template  # noqa: E402
 
 
@@ -89,17 +89,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/bench_dr2.py` without scripts/env.sh's PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import check_size, cpu_name, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.diffusion import dr2_schedule  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls, dr2_sample  # noqa: E402
 from models.noise import SeededNoise, sample_seed  # noqa: E402
@@ -40,7 +40,6 @@ from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
 FFHQ256_GFLOP = 387.9  # per forward at 1x3x256x256 (/work/shared/REFERENCE.md)
 H100_BF16_DENSE_TFLOPS = 989.0
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-DOWNSAMPLE = {"ffhq256": 32, "tiny": 4}  # 2 ** (levels - 1): the size must be divisible by it
 
 
 @dataclass(frozen=True)
@@ -143,16 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def sync(device: torch.device) -> None:
@@ -228,10 +218,6 @@ def time_batch(net: Network, schedule, params: DR2Params, batch: int, size: int,
     return times, finite
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def render_table(rows: list[Row], with_peak: bool, with_ref: bool) -> str:
     head = ["configuration", "batch", "images/s", "ms/image", "fwd/s", "TFLOP/s"]
     head += ["% peak"] if with_peak else []
@@ -246,25 +232,15 @@ def render_table(rows: list[Row], with_peak: bool, with_ref: bool) -> str:
             cells += [fmt(r.pct_peak, ".1f")] if with_peak else []
             cells += [fmt(r.ratio_vs_b1, ".2f")] + ([fmt(r.ratio_vs_ref, ".2f")] if with_ref else [])
         body.append(cells)
-    widths = [max(len(str(c[i])) for c in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in body)])
+    return text_table(head, body)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark, print the table; returns {"meta": ..., "rows": [...]} (as written by --json)."""
     args = parse_args(argv)
-    threads0, log = torch.get_num_threads(), logging.getLogger("tasks.dr2_stage")
-    level0 = log.level
-    log.setLevel(logging.ERROR)  # the stage's random-weights warning: the header says so
-    try:
+    with kept_state("tasks.dr2_stage"):
+        logging.getLogger("tasks.dr2_stage").setLevel(logging.ERROR)  # the random-weights warning: the header says so
         return _run(args)
-    finally:  # main() is also called in-process (tests): leave the process as it was
-        torch.set_num_threads(threads0)
-        log.setLevel(level0)
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -282,15 +258,14 @@ def _run(args: argparse.Namespace) -> dict:
 
     size = args.size or (256 if args.arch == "ffhq256" else 64)
     params = DR2Params.of(args.N, args.tau)
-    if size % DOWNSAMPLE[args.arch] or (args.N > 1 and size % args.N):
-        raise SystemExit(f"--size {size} must be divisible by {DOWNSAMPLE[args.arch]} ({args.arch}) and by N={args.N}")
+    check_size(size, args.arch, args.N)
     default_bs = "1,2,4,8,16,32,64" if device.type == "cuda" else "1,2,4,8"
     batch_sizes = sorted({1, *(int(b) for b in (args.batch_sizes or default_bs).split(",") if b.strip())})
     if batch_sizes[0] < 1:
         raise SystemExit("batch sizes must be >= 1")
     calls = dr2_model_calls(params.N, params.tau)
     name = device_name(device)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = (load_average() or [None])[0]
     peak = args.peak_tflops
     if peak is None and device.type == "cuda" and any(k in name for k in ("H100", "H200")):
         peak = H100_BF16_DENSE_TFLOPS

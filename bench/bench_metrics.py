@@ -27,6 +27,7 @@ import torch
 if __package__ in (None, ""):  # `python bench/bench_metrics.py` without scripts/env.sh's PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import kept_state, load_average  # noqa: E402
 from tasks import metrics as M  # noqa: E402
 from tasks.weights import RANDOM_INIT  # noqa: E402
 
@@ -159,13 +160,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"unknown metrics {bad}; choose among {ALL}")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     device = torch.device(args.device)
-    saved_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with kept_state():
+        if args.threads:
+            torch.set_num_threads(args.threads)
         header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), clock=args.clock,
                       cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                      loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
+                      loadavg_start=load_average())
         print(f"# metrics throughput: device {device}, torch {header['torch']}, {header['threads']} threads, "
               f"{args.clock} clock, "
               f"{header['cores']} cores, load average at start {header['loadavg_start']}", flush=True)
@@ -178,15 +178,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     r = rows[-1]
                     print(f"#   {name} @ {size}: batched {r['batched_ips']:.1f} img/s, per-image {r['loop_ips']:.1f} "
                           f"img/s, ratio {r['ratio']:.2f}x", flush=True)
-        header["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        header["loadavg_end"] = load_average()
         print(render(rows))
         result = dict(header=header, rows=rows)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return result
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 if __name__ == "__main__":

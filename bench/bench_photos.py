@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,6 +56,16 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    DOWNSAMPLE,
+    HelpFormatter,
+    cpu_name,
+    dr2_setup,
+    enhancer_kwargs,
+    fmt,
+    kept_state,
+    load_average,
+)
 from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces  # noqa: E402
 from tasks.config import Sampled  # noqa: E402
@@ -68,9 +77,6 @@ from tasks.restore_stage import EnhancerConfig, RestoreStage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-DOWNSAMPLE = {"ffhq256": 32, "tiny": 4}  # the DR2 input size must be divisible by it (bench_pipeline's)
-# A SPARNetHD small enough for CPU (bench_restore's; full size: min_ch 32, max_ch 512, min_feat_size 32, res_depth 10).
-SMALL_SPARNET = {"min_ch": 16, "max_ch": 64, "min_feat_size": 16, "res_depth": 2}
 # README (bench_dr2): full-size UNet on this CPU, fp32, batch 1: 7.7 s per forward, 21 forwards at (N, tau) = (4, 22).
 README_S_PER_FORWARD, README_FORWARDS = 7.7, 21
 FULL_FACE_SIZE, FULL_RESTORED_SIZE = 256, 512  # DR2's input and the enhancer's output in a full-size job
@@ -78,18 +84,8 @@ CPU_STAGES = ("detection", "plan+align", "paste-back")
 STAGES = ("detection", "plan+align", "restoration", "paste-back")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout; shows defaults except none/false/empty ones (explained in their help)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == "" \
-                or action.default is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("photos")
     g.add_argument("--input", default=None,
                    help="comma-separated photo files, folders (their image files) or globs; 'astronaut' = "
@@ -299,30 +295,11 @@ def full_size_geometry(photos: list[Photo], results: list[PhotoResult], cfg: Ali
 # ------------------------------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def stage_row(stage: str, photos: int, faces: int, seconds: float, total: float) -> dict:
     return {"stage": stage, "photos": photos, "faces": faces, "seconds": seconds,
             "ms_per_face": 1e3 * seconds / faces if faces else None,
             "faces_per_s": faces / seconds if seconds > 0 and faces else None,
             "share": seconds / total if total > 0 else None}
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def markdown(head: list[str], body: list[list[str]], left: int = 1) -> str:
@@ -339,8 +316,8 @@ def markdown(head: list[str], body: list[list[str]], left: int = 1) -> str:
 
 def render_table(rows: list[dict]) -> str:
     head = ["stage", "photos", "faces", "seconds", "ms/face", "faces/s", "share of total"]
-    body = [[r["stage"], str(r["photos"]), str(r["faces"]), f"{r['seconds']:.3f}", _fmt(r["ms_per_face"], ".1f"),
-             _fmt(r["faces_per_s"], ".2f"), "-" if r["share"] is None else f"{100 * r['share']:.1f}%"] for r in rows]
+    body = [[r["stage"], str(r["photos"]), str(r["faces"]), f"{r['seconds']:.3f}", fmt(r["ms_per_face"], ".1f"),
+             fmt(r["faces_per_s"], ".2f"), "-" if r["share"] is None else f"{100 * r['share']:.1f}%"] for r in rows]
     return markdown(head, body)
 
 
@@ -365,44 +342,18 @@ def projection(scenario: str, kind: str, restore_ms: float, geometry_ms: float, 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark and print its tables; returns what --json writes."""
     args = parse_args(argv)
-    threads0, cv_threads0 = torch.get_num_threads(), cv2.getNumThreads()
-    loggers = [logging.getLogger(n) for n in ("tasks.dr2_stage", "tasks.restore_stage")]
-    levels0 = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)  # the random-weights warnings
+    loggers = ("tasks.dr2_stage", "tasks.restore_stage")
+    with kept_state(*loggers, opencv=True):
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)  # the random-weights warnings
         return _run(args)
-    finally:  # main() also runs in-process (tests): leave the process as it was
-        torch.set_num_threads(threads0)
-        cv2.setNumThreads(cv_threads0)
-        for lg, level in zip(loggers, levels0):
-            lg.setLevel(level)
-
-
-def _enhancer_kwargs(args: argparse.Namespace, cuda: bool, esize: int) -> dict:
-    if args.enhancer_kwargs is not None:
-        import yaml
-
-        kwargs = yaml.safe_load(args.enhancer_kwargs) or {}
-        if not isinstance(kwargs, dict):
-            raise SystemExit(f"--enhancer-kwargs {args.enhancer_kwargs!r}: expected a mapping")
-        return kwargs
-    if args.enhancer != "sparnethd":
-        return {}
-    return ({} if esize == 512 else {"size": esize}) if cuda else {**SMALL_SPARNET, "size": esize}
 
 
 def _run(args: argparse.Namespace) -> dict:
-    load_start = _load_average()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
-    arch = args.arch or ("ffhq256" if cuda else "tiny")
-    size = args.size or (256 if arch == "ffhq256" else 64)
-    if size % DOWNSAMPLE[arch] or (args.N > 1 and size % args.N):
-        raise SystemExit(f"--size {size} must be divisible by {DOWNSAMPLE[arch]} ({arch}) and by N={args.N}")
+    load_start = load_average()
+    cuda, arch, size = dr2_setup(args)
     esize = args.enhancer_size or 2 * size
-    ekwargs = _enhancer_kwargs(args, cuda, esize)
+    ekwargs = enhancer_kwargs(args, cuda, esize)
     if args.threads:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)
@@ -447,7 +398,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.full_size_geometry and (size < FULL_FACE_SIZE or esize < FULL_RESTORED_SIZE):
         geo = [full_size_geometry(photos, results, align_cfg) for _ in range(args.repeats)]
         full_geo = {s: statistics.median(g[s] for g in geo) for s in ("plan+align", "paste-back")}
-    load_end = _load_average()
+    load_end = load_average()
 
     n_photos = len(photos)
     n_ok = sum(len(r.crops) for r in results)

@@ -35,7 +35,6 @@ import glob
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -54,6 +53,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import HelpFormatter, cpu_name, dr2_setup, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
 from tasks.dr2_stage import DR2Stage  # noqa: E402
@@ -66,7 +66,6 @@ from workflows.augment import AugmentConfig  # noqa: E402
 from workflows.augment import main as augment_main  # noqa: E402
 
 SAMPLES = ROOT / "data" / "samples"
-DOWNSAMPLE = {"ffhq256": 32, "tiny": 4}  # 2 ** (levels - 1): the size must be divisible by it
 MIB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -108,6 +107,28 @@ def input_files(folder: str) -> list[Path]:
     if not files:
         raise SystemExit(f"--input {folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def input_faces(args: argparse.Namespace, work: Path, count: int) -> tuple[list[Path], Path | None]:
+    """(files, root): the images under --input, else `count` synthetic faces written under `work`."""
+    if args.input:
+        return input_files(args.input), Path(args.input)
+    t0 = time.perf_counter()
+    files = synthetic_faces(work / "faces", count, args.face_size)
+    print(f"[bench] {count} synthetic {args.face_size}x{args.face_size} faces in "
+          f"{time.perf_counter() - t0:.1f} s under {work}", file=sys.stderr, flush=True)
+    return files, None
+
+
+def input_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "images" group with the options input_faces reads: --images, --input, --face-size."""
+    g = p.add_argument_group("images")
+    g.add_argument("--images", type=int, default=16, help="N: images per timed run")
+    g.add_argument("--input", default=None,
+                   help="a local folder of square aligned faces to use instead of synthetic ones (cycled, with "
+                        "their own ids, when it holds fewer than the run needs)")
+    g.add_argument("--face-size", type=int, default=512, help="side of the synthetic input faces (PNG)")
+    return g
 
 
 def listing(files: list[Path], count: int, root: Path | None) -> list[tuple[str, str]]:
@@ -450,10 +471,6 @@ class ModelOnly:
 
 # ----------------------------------------------------------------------------------------------- report
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def render_table(rows: list[Run]) -> str:
     head = ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB", "store_MiB", "busy%"]
     body = []
@@ -464,12 +481,7 @@ def render_table(rows: list[Run]) -> str:
                      fmt(m.rss_delta_mib if m and m.samples else None, ".0f"),
                      fmt(m.store_peak_mib if m else None, ".1f"),
                      fmt(100 * r.extra["actor_busy"] if r.extra.get("actor_busy") is not None else None, ".0f")])
-    widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in body)])
+    return text_table(head, body)
 
 
 COLUMNS = """table: mode (pipeline = workflows.augment end to end; pipeline-marginal = (10N - N) images over the extra
@@ -481,25 +493,10 @@ busy% (pipeline: the DR2 actors' time inside their stage over actors x drain tim
 With --repeats R > 1 the N-image rows are medians over R interleaved pipeline/model-only pairs."""
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout; shows defaults except none/false/empty ones (explained in their help)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == "" \
-                or action.default is argparse.SUPPRESS:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=COLUMNS,
-                                formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32, width=110))
-    g = p.add_argument_group("images")
-    g.add_argument("--images", type=int, default=16, help="N: images per timed run")
-    g.add_argument("--input", default=None,
-                   help="a local folder of square aligned faces to use instead of synthetic ones (cycled, with "
-                        "their own ids, when it holds fewer than the run needs)")
-    g.add_argument("--face-size", type=int, default=512, help="side of the synthetic input faces (PNG)")
+                                formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32, width=110))
+    g = input_options(p)
     g.add_argument("--size", type=int, default=None,
                    help="model size (--image.size); default 256 for ffhq256, 64 for tiny")
     g = p.add_argument_group("model")
@@ -561,41 +558,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark and print its table; returns what --json writes."""
     args = parse_args(argv)
-    threads0 = torch.get_num_threads()
-    stage_log = logging.getLogger("tasks.dr2_stage")
-    level0 = stage_log.level
-    try:
+    with kept_state("tasks.dr2_stage"):
         return _run(args)
-    finally:  # main() also runs in-process (tests): leave the process as it was
-        torch.set_num_threads(threads0)
-        stage_log.setLevel(level0)
 
 
 def _run(args: argparse.Namespace) -> dict:
     import ray
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
-    arch = args.arch or ("ffhq256" if cuda else "tiny")
-    size = args.size or (256 if arch == "ffhq256" else 64)
+    cuda, arch, size = dr2_setup(args)
     batch = args.batch_size or (16 if cuda else 4)
-    if size % DOWNSAMPLE[arch] or (args.N > 1 and size % args.N):
-        raise SystemExit(f"--size {size} must be divisible by {DOWNSAMPLE[arch]} ({arch}) and by N={args.N}")
     params = DR2Params.of(args.N, args.tau)
     warm_n = batch if args.warmup_images is None else args.warmup_images
 
@@ -618,13 +592,7 @@ def _run(args: argparse.Namespace) -> dict:
     progress0 = True
     try:
         total = args.images * (args.scale if args.scale_memory else 1)
-        if args.input:
-            files, root = input_files(args.input), Path(args.input)
-        else:
-            t0 = time.perf_counter()
-            files, root = synthetic_faces(work / "faces", total, args.face_size), None
-            print(f"[bench] {total} synthetic {args.face_size}x{args.face_size} faces in "
-                  f"{time.perf_counter() - t0:.1f} s under {work}", file=sys.stderr, flush=True)
+        files, root = input_faces(args, work, total)
         rows_n = listing(files, args.images, root)
         rows_big = listing(files, total, root) if args.scale_memory else []
 
@@ -714,7 +682,7 @@ def _run(args: argparse.Namespace) -> dict:
 
     calls = dr2_model_calls(params.N, params.tau)
     actors = str(cfg.runtime.num_actors) if cfg.runtime.num_actors else ("one per GPU" if cuda else "1")
-    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_avg = load_average()
     mem_n = pick("pipeline", args.images)[0].memory
     worker_nice = sorted({v for r in runs if r.memory for v in r.memory.map_worker_nice})
     header = [

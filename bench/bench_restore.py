@@ -50,15 +50,17 @@ if __package__ in (None, ""):  # `python bench/bench_restore.py` without scripts
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_pipeline import (  # noqa: E402
-    DOWNSAMPLE,
-    _HelpFormatter,
+from bench.bench_pipeline import input_faces, input_options, listing, write_listing  # noqa: E402
+from bench.common import (  # noqa: E402
+    SMALL_SPARNET,
+    HelpFormatter,
     cpu_name,
+    dr2_setup,
+    enhancer_kwargs,
     fmt,
-    input_files,
-    listing,
-    synthetic_faces,
-    write_listing,
+    kept_state,
+    load_average,
+    text_table,
 )
 from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
@@ -71,8 +73,6 @@ from workflows.restore import RestoreConfig  # noqa: E402
 from workflows.restore import main as restore_main  # noqa: E402
 
 TOPOLOGIES = ("shared", "separate")
-# A SPARNetHD small enough for CPU (full size: min_ch 32, max_ch 512, min_feat_size 32, res_depth 10 at 512).
-SMALL_SPARNET = {"min_ch": 16, "max_ch": 64, "min_feat_size": 16, "res_depth": 2}
 
 
 @dataclass
@@ -173,12 +173,7 @@ def render_table(rows: list[Run]) -> str:
     head = ["topology", "images", "seconds", "images/s", "ratio"]
     body = [[r.topology, str(r.images), fmt(r.seconds, ".2f"), fmt(r.images_per_s, ".4f"), fmt(r.ratio, ".3f")]
             for r in rows]
-    widths = [max(len(c[i]) for c in [head, *body]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in body)])
+    return text_table(head, body)
 
 
 COLUMNS = """table: topology (shared / separate = workflows.restore end to end with that --topology; model-only =
@@ -189,13 +184,8 @@ figure is the median over R runs."""
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=COLUMNS,
-                                formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=32, width=110))
-    g = p.add_argument_group("images")
-    g.add_argument("--images", type=int, default=16, help="N: images per timed run")
-    g.add_argument("--input", default=None,
-                   help="a local folder of square aligned faces to use instead of synthetic ones (cycled, with "
-                        "their own ids, when it holds fewer than the run needs)")
-    g.add_argument("--face-size", type=int, default=512, help="side of the synthetic input faces (PNG)")
+                                formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32, width=110))
+    g = input_options(p)
     g.add_argument("--size", type=int, default=None,
                    help="DR2 model size (--image.size); default 256 for ffhq256, 64 for tiny")
     g = p.add_argument_group("DR2")
@@ -270,45 +260,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark and print its table; returns what --json writes."""
     args = parse_args(argv)
-    threads0 = torch.get_num_threads()
-    loggers = [logging.getLogger(n) for n in ("tasks.dr2_stage", "tasks.restore_stage")]
-    levels0 = [lg.level for lg in loggers]
-    try:
+    with kept_state("tasks.dr2_stage", "tasks.restore_stage"):
         return _run(args)
-    finally:  # main() also runs in-process (tests): leave the process as it was
-        torch.set_num_threads(threads0)
-        for lg, level in zip(loggers, levels0):
-            lg.setLevel(level)
-
-
-def _enhancer_kwargs(args: argparse.Namespace, cuda: bool, esize: int) -> dict:
-    if args.enhancer_kwargs is not None:
-        import yaml
-
-        kwargs = yaml.safe_load(args.enhancer_kwargs) or {}
-        if not isinstance(kwargs, dict):
-            raise SystemExit(f"--enhancer-kwargs {args.enhancer_kwargs!r}: expected a mapping")
-        return kwargs
-    if args.enhancer != "sparnethd":
-        return {}
-    if cuda:
-        return {} if esize == 512 else {"size": esize}  # the full SPARNetHD (its defaults), at the hand-over size
-    return {**SMALL_SPARNET, "size": esize}
 
 
 def _run(args: argparse.Namespace) -> dict:
     import ray
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
-    arch = args.arch or ("ffhq256" if cuda else "tiny")
-    size = args.size or (256 if arch == "ffhq256" else 64)
+    cuda, arch, size = dr2_setup(args)
     batch = args.batch_size or (16 if cuda else 4)
-    if size % DOWNSAMPLE[arch] or (args.N > 1 and size % args.N):
-        raise SystemExit(f"--size {size} must be divisible by {DOWNSAMPLE[arch]} ({arch}) and by N={args.N}")
     esize = args.enhancer_size or (512 if cuda else 128)
-    ekwargs = _enhancer_kwargs(args, cuda, esize)
+    ekwargs = enhancer_kwargs(args, cuda, esize)
     warm_n = batch if args.warmup_images is None else args.warmup_images
 
     flow = ["--dr2.architecture", arch, "--dr2.N", str(args.N), "--dr2.tau", str(args.tau),
@@ -333,15 +295,9 @@ def _run(args: argparse.Namespace) -> dict:
     started_ray = False
     ctx = None
     progress0 = True
-    load_avg: dict[str, tuple[float, ...] | None] = {"start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    load_avg: dict[str, tuple[float, ...] | None] = {"start": load_average()}
     try:
-        if args.input:
-            files, root = input_files(args.input), Path(args.input)
-        else:
-            t0 = time.perf_counter()
-            files, root = synthetic_faces(work / "faces", args.images, args.face_size), None
-            print(f"[bench] {args.images} synthetic {args.face_size}x{args.face_size} faces in "
-                  f"{time.perf_counter() - t0:.1f} s under {work}", file=sys.stderr, flush=True)
+        files, root = input_faces(args, work, args.images)
         rows = listing(files, args.images, root)
 
         started_ray = not ray.is_initialized()
@@ -361,7 +317,7 @@ def _run(args: argparse.Namespace) -> dict:
             warm_s = time.perf_counter() - t0
         else:
             warm_s = 0.0
-        load_avg["after_warmup"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        load_avg["after_warmup"] = load_average()
         runs: list[Run] = []
         for rep in range(args.repeats):
             order = TOPOLOGIES if rep % 2 == 0 else TOPOLOGIES[::-1]
@@ -381,7 +337,7 @@ def _run(args: argparse.Namespace) -> dict:
                 m = model.run()
                 m.repeat = rep
                 runs.append(m)
-        load_avg["end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        load_avg["end"] = load_average()
     finally:
         if ctx is not None:
             ctx.enable_progress_bars = progress0
