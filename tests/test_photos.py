@@ -157,3 +157,23 @@ def test_s3_photos_and_a_crash_before_the_commit(ray_local, s3_server, tmp_path)
     assert fs.cat(f"{bucket}/out/restored/party/blake.png") == first
     again = read_manifest(f"{out}/faces", so)
     assert sorted(again["id"]) == sorted(faces.index) and (again["status"] == "ok").all()
+
+
+def test_dynamic_method_on_whole_photos(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(skimage_data.astronaut()).save(src / "astronaut.png")
+    out = tmp_path / "out"
+    assert restore(["--method", "dynamic", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
+                    "--dynamic.max-start", "6", "--image.size", "32", "--enhancer.name", "bicubic",
+                    "--enhancer.size", "64", "--runtime.device", "cpu", "--photos.mode", "photos",
+                    "--photos.detector.device", "cpu", "--input", str(src), "--output", str(out)]) == 0
+    photo = read_manifest(str(out)).iloc[0]
+    face = read_manifest(str(out / "faces")).iloc[0]
+    assert photo["faces_restored"] == 1 and photo["weights"] == "random-init:tiny"
+    # the dynamic method's per-face parameters reach the face rows
+    assert face["restore_method"] == "dynamic" and 0 <= face["start_t"] <= 24
+    assert len(face["guide_sigmas"].split(",")) == 3 and face["eta"] >= 0
+    after = _rgb(photo["restored"])
+    x0, y0, x1, y1 = (int(round(v)) for v in face["box"])
+    assert np.abs(after[y0:y1, x0:x1].astype(int) - skimage_data.astronaut()[y0:y1, x0:x1].astype(int)).mean() > 10
