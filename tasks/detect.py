@@ -141,8 +141,10 @@ class DetectorConfig:
                               "filter) for detection and the boxes/landmarks mapped back to the input; "
                               "0 = never. Faces smaller than min_face_size * max_side / long side can be "
                               "missed on such photos")
-    batch_size: int = opt(8, "mtcnn: at most this many equal-size images per batched network call "
-                             "(memory grows with batch x pixels)")
+    batch_size: int = opt(1, "mtcnn: at most this many equal-size images per batched network call. 1 (default) "
+                             "keeps a photo's landmarks, hence its restoration, independent of the photos beside "
+                             "it (batched convolutions differ in the last bits); on CPU batching is not faster "
+                             "either. Raise it on a GPU detector for throughput")
     kwargs: dict = opt({}, "extra constructor arguments: for a plug-in anything it takes; mtcnn: thresholds "
                            "(3 stage thresholds, default [0.6, 0.7, 0.7]), factor (pyramid step, 0.709); "
                            "haar: scale_factor (1.1), min_neighbors (5), equalize (true)")
@@ -249,7 +251,7 @@ class MTCNNDetector(_ScaledDetector):
     default_min_score = 0.9
 
     def __init__(self, device: str = "auto", min_score: float | None = None, min_face_size: int = 20,
-                 max_side: int = 1600, batch_size: int = 8, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+                 max_side: int = 1600, batch_size: int = 1, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
                  factor: float = 0.709):
         super().__init__(min_score, min_face_size, max_side)
         import torch

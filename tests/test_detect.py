@@ -110,7 +110,8 @@ def test_batches_of_equal_size_give_the_faces_found_one_at_a_time(mtcnn, mtcnn_f
     flipped = np.ascontiguousarray(astro[:, ::-1])
     gray = np.full_like(astro, 128)
     # two sizes: the three 512x512 images go through one batched call, grace_hopper (600x512) alone
-    batch = mtcnn.detect([astro, photos["grace_hopper"], flipped, gray])
+    batched = build_detector(DetectorConfig(name="mtcnn", device="cpu", batch_size=8))
+    batch = batched.detect([astro, photos["grace_hopper"], flipped, gray])
     single_flipped = mtcnn.detect([flipped])[0]
     assert [len(f) for f in batch] == [1, 1, 1, 0]
     for got, want in [(batch[0], mtcnn_faces["astronaut"]), (batch[1], mtcnn_faces["grace_hopper"]),
