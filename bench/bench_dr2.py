@@ -53,6 +53,7 @@ class Variant:
     batch_invariant_cpu: bool
     batch_sizes: tuple[int, ...]
     reference: bool = False
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -113,6 +114,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (one specialised graph per batch size, compiled during "
                         "warm-up); falls back to eager with a note if compilation fails")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+                   help="torch.compile mode: reduce-overhead captures CUDA graphs of the fixed-shape forward (the "
+                        "step loop's launch overhead), max-autotune also searches kernels (slow to compile)")
     p.add_argument("--arch", choices=("ffhq256", "tiny"), default="ffhq256",
                    help="ffhq256 = the real DR2 UNet (93.6 M parameters, ~4 s per forward on 2 CPU cores); "
                         "tiny = tasks.dr2_stage.TINY_UNET for quick CPU runs")
@@ -179,7 +183,8 @@ class Network:
         self.compiled = False
         if v.compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.stage.model = torch.compile(self.eager, dynamic=False)  # _network calls self.stage.model
+            # _network calls self.stage.model
+            self.stage.model = torch.compile(self.eager, dynamic=False, mode=v.compile_mode)
             self.compiled = True
 
     def uncompile(self) -> None:
@@ -273,8 +278,10 @@ def _run(args: argparse.Namespace) -> dict:
     repeats = max(args.repeats, 1)
 
     tokens = [args.precision] + (["channels_last"] if args.channels_last else []) + (
-        ["compile"] if args.compile else ["eager"])
-    main_v = Variant(" ".join(tokens), args.precision, args.channels_last, args.compile, True, tuple(batch_sizes))
+        [f"compile:{args.compile_mode}" if args.compile_mode != "default" else "compile"] if args.compile
+        else ["eager"])
+    main_v = Variant(" ".join(tokens), args.precision, args.channels_last, args.compile, True, tuple(batch_sizes),
+                     compile_mode=args.compile_mode)
     variants = []
     if args.with_reference_baseline:
         variants.append(Variant("reference (fp32 eager b1)", "fp32", False, False, True, (1,), reference=True))
