@@ -1,6 +1,8 @@
 import hashlib
 import io
+import pickle
 import re
+import zipfile
 
 import pytest
 import torch
@@ -117,8 +119,21 @@ def test_weights_only_refuses_pickled_code(tmp_path, sd):
     assert "weights_only=True" in str(ei.value) and "Unsupported global" in str(ei.value)
     assert str(path) in str(ei.value)
     assert not marker.exists()
-    # Control: an unrestricted unpickle really would have executed it.
-    torch.load(io.BytesIO(path.read_bytes()), weights_only=False)
+    # Control: an unrestricted unpickle of the same archive's data.pkl (tensors stubbed out) really would
+    # have executed it.
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+
+    class Unrestricted(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return None
+
+        def find_class(self, module, name):
+            if module.startswith("torch"):
+                return lambda *args, **kwargs: None
+            return super().find_class(module, name)
+
+    Unrestricted(io.BytesIO(data)).load()
     assert marker.exists()
 
 
