@@ -131,6 +131,21 @@ def input_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
+def dr2_options(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """input_options plus --size, and a `title` group with the DR2 options dr2_setup reads."""
+    input_options(p).add_argument("--size", type=int, default=None,
+                                  help="DR2 model size (--image.size); default 256 for ffhq256, 64 for tiny")
+    g = p.add_argument_group(title)
+    g.add_argument("--arch", choices=("tiny", "ffhq256"), default=None,
+                   help="DR2 UNet (--dr2.architecture); default ffhq256 when the DR2 device is CUDA, else tiny")
+    g.add_argument("--weights", default=None,
+                   help="DR2 weights (--dr2.weights); default: random seeded weights (--allow-random-weights), "
+                        "which run at the same speed")
+    g.add_argument("--N", type=int, default=4, help="DR2 low-pass factor N, fixed for every sample (--dr2.N)")
+    g.add_argument("--tau", type=int, default=22, help="DR2 last step tau, fixed for every sample (--dr2.tau)")
+    return g
+
+
 def listing(files: list[Path], count: int, root: Path | None) -> list[tuple[str, str]]:
     """(uri, id) for `count` samples, cycling through `files` (repeats get their own id: r<k>/<name>)."""
     rows = []
@@ -496,17 +511,7 @@ With --repeats R > 1 the N-image rows are medians over R interleaved pipeline/mo
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=COLUMNS,
                                 formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32, width=110))
-    g = input_options(p)
-    g.add_argument("--size", type=int, default=None,
-                   help="model size (--image.size); default 256 for ffhq256, 64 for tiny")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=("tiny", "ffhq256"), default=None,
-                   help="DR2 UNet (--dr2.architecture); default ffhq256 when the DR2 device is CUDA, else tiny")
-    g.add_argument("--weights", default=None,
-                   help="DR2 weights (--dr2.weights); default: random seeded weights (--allow-random-weights), "
-                        "which run at the same speed")
-    g.add_argument("--N", type=int, default=4, help="DR2 low-pass factor N, fixed for every sample (--dr2.N)")
-    g.add_argument("--tau", type=int, default=22, help="DR2 last step tau, fixed for every sample (--dr2.tau)")
+    dr2_options(p, "model")
     g = p.add_argument_group("runtime (the same for the pipeline's DR2 actor and the model-only loop)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="--runtime.device; auto = cuda when visible")

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # `python bench/bench_restore.py` without scripts
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_pipeline import input_faces, input_options, listing, write_listing  # noqa: E402
+from bench.bench_pipeline import dr2_options, input_faces, listing, write_listing  # noqa: E402
 from bench.common import (  # noqa: E402
     SMALL_SPARNET,
     HelpFormatter,
@@ -185,17 +185,7 @@ figure is the median over R runs."""
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=COLUMNS,
                                 formatter_class=lambda prog: HelpFormatter(prog, max_help_position=32, width=110))
-    g = input_options(p)
-    g.add_argument("--size", type=int, default=None,
-                   help="DR2 model size (--image.size); default 256 for ffhq256, 64 for tiny")
-    g = p.add_argument_group("DR2")
-    g.add_argument("--arch", choices=("tiny", "ffhq256"), default=None,
-                   help="DR2 UNet (--dr2.architecture); default ffhq256 when the device is CUDA, else tiny")
-    g.add_argument("--weights", default=None,
-                   help="DR2 weights (--dr2.weights); default: random seeded weights (--allow-random-weights), "
-                        "which run at the same speed")
-    g.add_argument("--N", type=int, default=4, help="DR2 low-pass factor N, fixed for every sample (--dr2.N)")
-    g.add_argument("--tau", type=int, default=22, help="DR2 last step tau, fixed for every sample (--dr2.tau)")
+    dr2_options(p, "DR2")
     g = p.add_argument_group("enhancer (the same in both topologies and the model-only loop)")
     g.add_argument("--enhancer", default="sparnethd",
                    help="--enhancer.name: none | bicubic | sparnethd | a plug-in 'package.module:Class'")
