@@ -64,14 +64,14 @@ BORDERS = {
 ESTIMATORS = ("lstsq", "lmeds")
 ENLARGE_INTERPS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "lanczos4": cv2.INTER_LANCZOS4}
 RANKS = ("score", "size")
-STATUSES = ("ok", "too_small", "over_cap", "invalid")
 # Supersampling factor cap for shrinking warps: 4x4 samples per pixel already suppress visible aliasing.
 _MAX_SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
 class AlignConfig:
-    face_size: int = opt(512, "side of the aligned crop in px; the FFHQ template (given at 512) is scaled to it")
+    face_size: int = opt(512, "side of the aligned crop in px; the FFHQ template (given at 512) is scaled to it "
+                              "(restore.py sets it to image.size: faces are aligned at the model's input size)")
     min_eye_distance: float = opt(20.0, "faces whose eye centres are closer than this (px, in the photo) are "
                                         "skipped with status too_small")
     max_faces: int = opt(16, "at most this many faces restored per photo (0 = no cap); the rest get status "

@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from tasks.align import FFHQ_TEMPLATE_512, eye_distance
 from tasks.config import opt
 
 __all__ = [
@@ -47,12 +48,6 @@ __all__ = [
     "build_detector",
     "check_image",
 ]
-
-# The five FFHQ alignment points on a 512x512 aligned face (GFPGAN/facexlib's template): left eye, right eye,
-# nose, mouth left, mouth right, image-left first.
-FFHQ_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.19366], [256.63416, 314.01935],
-                              [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)
-
 
 @dataclass(frozen=True, eq=False)
 class Face:
@@ -87,7 +82,7 @@ class Face:
     @property
     def eye_distance(self) -> float:
         """Distance in pixels between the two eye landmarks."""
-        return float(np.linalg.norm(self.landmarks[1] - self.landmarks[0]))
+        return eye_distance(self.landmarks)
 
     @property
     def width(self) -> float:

@@ -15,7 +15,6 @@ Stages (restore.py assembles them when photos.mode is photos or auto):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -25,10 +24,11 @@ import pyarrow as pa
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces
 from tasks.config import Sampled, opt
 from tasks.detect import DetectorConfig, build_detector
-from tasks.images import decode_image, encode_png, resize_to
+from tasks.images import decode_image, resize_to
 from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
-from tasks.storage import get_fs, join_under, write_bytes
+from tasks.storage import join_under
+from tasks.write_stage import put_png
 
 MODES = ("aligned", "photos", "auto")
 FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/restored (crops)
@@ -103,10 +103,10 @@ class LoadPhotos:
 class DetectAlign:
     """Ray Data callable class (CPU actors): detector built once; adds crops (K,S,S,3), plans (JSON)."""
 
-    def __init__(self, photos: PhotoConfig, face_size: int):
-        self.detector = build_detector(photos.detector)
-        self.identity = getattr(self.detector, "identity", photos.detector.name)
-        self.align = dataclasses.replace(photos.align, face_size=face_size)
+    def __init__(self, detector: DetectorConfig, align: AlignConfig):
+        self.detector = build_detector(detector)
+        self.identity = getattr(self.detector, "identity", detector.name)
+        self.align = align
 
     def _aligned_input(self, photo: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
         """An aligned crop (auto mode) is its own single face: resized, never pasted."""
@@ -166,6 +166,7 @@ class PhotoRestore:
 
     def __init__(self, stage_cls, stage_kwargs: dict, chunk: int):
         self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))
+        self.weights = getattr(self.stage, "weights", None) or self.stage.dr2.weights  # DynamicStage | RestoreStage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -180,7 +181,6 @@ class PhotoRestore:
                 crops.append(crop)
         restored: list[list[np.ndarray]] = [[] for _ in range(n)]
         info: list[list[dict]] = [[] for _ in range(n)]
-        weights = ""
         for i in range(0, len(ids), self.chunk):
             sl = slice(i, i + self.chunk)
             faces = {"id": np.array(ids[sl], dtype=object), "image": np.stack(crops[sl]),
@@ -192,14 +192,10 @@ class PhotoRestore:
             for j, k in enumerate(owner[sl]):
                 restored[k].append(out["restored"][j])
                 info[k].append({a: _plain(out[a][j]) for a in self.ANNOTATIONS if a in out})
-            weights = str(out["weights"][0])
-        if not weights:  # no face in this batch: still say which network the job runs
-            weights = str(getattr(self.stage, "weights", "") or getattr(getattr(self.stage, "dr2", None),
-                                                                           "weights", ""))
-        out_size = restored_size(restored, batch["crops"])
+        out_size = restored_size(restored, batch.pop("crops"))  # paste-back needs the restored faces only
         batch["restored_faces"] = _objects([np.stack(r) if r else _empty_crops(out_size) for r in restored])
         batch["faces_info"] = np.array([json.dumps(x) for x in info], dtype=object)
-        batch["weights"] = np.array([weights] * n, dtype=object)
+        batch["weights"] = np.array([self.weights] * n, dtype=object)
         return batch
 
 
@@ -220,21 +216,17 @@ class PasteAndWrite:
     Pixel columns are dropped; what flows on is one small row per photo for the ManifestWriter.
     """
 
-    def __init__(self, output: str, align: AlignConfig, face_size: int, write_faces: bool, png_compression: int,
+    def __init__(self, output: str, align: AlignConfig, write_faces: bool, png_compression: int,
                  constants: dict, storage_options: dict | None = None, face_columns: list | None = None):
         self.output, self.storage_options = output, storage_options
-        self.align = dataclasses.replace(align, face_size=face_size)
+        self.align = align
         self.write_faces, self.png_compression = write_faces, png_compression
         self.faces_output = join_under(output, FACES_DIR)
         self.face_writer = ManifestWriter(self.faces_output, face_columns or FACE_COLUMNS, constants,
                                           storage_options)
-        self.constants = constants
 
     def _put(self, folder: str, stem: str, rgb: np.ndarray) -> str:
-        uri = join_under(join_under(self.output, folder), stem + ".png")
-        fs, path = get_fs(uri, self.storage_options)
-        write_bytes(fs, path, encode_png(rgb, self.png_compression))
-        return uri
+        return put_png(join_under(self.output, folder), stem, rgb, self.png_compression, self.storage_options)
 
     def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
         photo = batch["photo"][k]
@@ -284,7 +276,7 @@ class PasteAndWrite:
                 status[k], error[k] = "error", f"paste-back/write failed: {type(e).__name__}: {e}"
         if face_rows:  # before the photos' own shard: committed photos always have their face rows
             cols = {name: [r.get(name) for r in face_rows] for name in
-                    {f.name for f in self.face_writer.schema} | {"weights"}}
+                    {f.name for f in self.face_writer.schema}}
             write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options)
         drop = ("photo", "crops", "restored_faces", "plans", "faces_info")
         out = {key: v for key, v in batch.items() if key not in drop}

@@ -15,6 +15,14 @@ from tasks.storage import get_fs, join_under, write_bytes
 PIXEL_COLUMNS = ("image", "dr2", "restored", "lq_pixels")
 
 
+def put_png(root: str, stem: str, rgb: np.ndarray, compression: int, storage_options: dict | None) -> str:
+    """Write rgb as <root>/<stem>.png (never outside root); returns its URI."""
+    uri = join_under(root, stem + ".png")
+    fs, path = get_fs(uri, storage_options)
+    write_bytes(fs, path, encode_png(rgb, compression))
+    return uri
+
+
 class WriteImages:
     """Ray Data batch function. `images` maps an output name (dir and manifest column) to a pixel column."""
 
@@ -30,10 +38,7 @@ class WriteImages:
         return batch[self.images[name]][k]
 
     def _put(self, name: str, stem: str, rgb: np.ndarray) -> str:
-        uri = join_under(self.roots[name], stem + ".png")
-        fs, path = get_fs(uri, self.storage_options)
-        write_bytes(fs, path, encode_png(rgb, self.png_compression))
-        return uri
+        return put_png(self.roots[name], stem, rgb, self.png_compression, self.storage_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])

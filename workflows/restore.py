@@ -15,6 +15,7 @@ feathered paste-back + write (CPU tasks) -> one manifest row per photo (manifest
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ class RestoreConfig:
     cluster: ClusterConfig = ClusterConfig()
 
 
+def param_specs(cfg: RestoreConfig) -> dict:
+    """Per-sample parameters the load stage draws: DR2's (N, tau); the dynamic method estimates its own."""
+    return {} if cfg.method == "dynamic" else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}
+
+
 def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
     return {"job_seed": cfg.seed, "code_version": version, "config_hash": config_hash(cfg),
             "enhancer": cfg.enhancer.name}
@@ -100,16 +106,17 @@ def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
 def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     """Whole photos: load -> detect+align (CPU actors) -> restore crops (GPU actors) -> paste+write -> manifest."""
     so, ph, dynamic = cfg.storage_options or None, cfg.photos, cfg.method == "dynamic"
+    align = dataclasses.replace(ph.align, face_size=cfg.image.size)  # faces are aligned at the model's size
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
     ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
                                 min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so,
                                 exif_orientation=ph.exif_orientation,
-                                specs={} if dynamic else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
+                                specs=param_specs(cfg)),
                         batch_size=ph.batch_size, num_cpus=1)
     detect_pool = (ray.data.ActorPoolStrategy(size=ph.detect_actors) if ph.detect_actors > 0 else
                    ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()["CPU"]) // 2)))
-    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(photos=ph, face_size=cfg.image.size),
+    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(detector=ph.detector, align=align),
                         batch_size=ph.batch_size, num_cpus=1, compute=detect_pool)
     stage_cls, stage_kwargs = (DynamicStage, dict(dynamic=cfg.dynamic)) if dynamic else (RestoreStage,
                                                                                        dict(dr2=cfg.dr2))
@@ -119,7 +126,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
-    ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=ph.align, face_size=cfg.image.size,
+    ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=align,
                                 write_faces=ph.write_faces, png_compression=cfg.write.png_compression,
                                 constants=constants, storage_options=so,
                                 face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else [])),
@@ -137,7 +144,7 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
     dynamic = cfg.method == "dynamic"
     ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
-                                specs={} if dynamic else {"N": cfg.dr2.N, "tau": cfg.dr2.tau}),
+                                specs=param_specs(cfg)),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                  compute=ray.data.ActorPoolStrategy(size=pool))
