@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from models.diffusion import DiffusionSchedule
-from models.guidance import apply_scale_map, blur, closed_form_guidance, guidance_scale_map
+from models.guidance import _luma, apply_scale_map, blur, closed_form_guidance, guidance_scale_map
 from models.noise import NoiseSource
 
 # The network: x (B,C,H,W) and ORIGINAL integer timesteps (B,) -> (B, 2C, H, W) = [eps, v] (or (B, C) eps).
@@ -260,7 +260,7 @@ def dynamic_sample(
         raise ValueError(f"start steps must be < {schedule.num_steps} (the respaced schedule's length)")
     device = x_init.device
     x_init, guides = x_init.float(), guides.float()
-    guided = [b for b in range(B) if G and params[b].gamma > 0]
+    guided = {b for b in range(B) if G and params[b].gamma > 0}
     M = None
     if guided:
         if scale_map is None:
@@ -295,8 +295,7 @@ def dynamic_sample(
             bs = [rows[k] for k in act]
             x0a = _take(x0, act, len(rows))
             gt = torch.tensor([gam[k] for k in act], dtype=torch.float64)
-            X = _rowwise(lambda a, y, s, g: closed_form_guidance(a, y, s, g),
-                         x0a, _take(guides, bs, B), sigmas[bs], gt)
+            X = _rowwise(closed_form_guidance, x0a, _take(guides, bs, B), sigmas[bs], gt)
             x0g = apply_scale_map(x0a, X, _take(M, bs, B) if M.shape[0] == B else M).clamp(-1, 1)
             if len(act) == len(rows):
                 x0 = x0g
@@ -307,7 +306,7 @@ def dynamic_sample(
             put(out, rows, x0)
             break
         etas = _take(eta, rows, B)
-        z = noise("z", i, rows, xi) if bool((etas > 0).any()) else torch.zeros_like(xi)
+        z = noise("z", i, rows, xi) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(xi)
         x_prev = schedule.ddim_step(x0, eps, step, etas, z)
         if len(rows) == B:
             x = x_prev
@@ -325,11 +324,7 @@ def dynamic_model_calls(params: Sequence[DynParams]) -> int:
 # Training-free blur-level estimator (DBLM stand-in)
 # ---------------------------------------------------------------------------------------------------------
 def _luma64(images: Tensor) -> Tensor:
-    x = images.to(torch.float64)
-    if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64, device=x.device)
-        return (x * w[None, :, None, None]).sum(1)
-    return x.mean(1)
+    return _luma(images.to(torch.float64))[:, 0]
 
 
 def radial_power_spectrum(image: Tensor, bins: int | None = None) -> tuple[Tensor, Tensor]:
@@ -422,7 +417,7 @@ class SpectralBlurEstimator(BlurEstimator):
         x = images.float()
         if not d:
             return x.new_zeros((B, 0) + tuple(x.shape[1:])), sig
-        guides = torch.stack([_rowwise(lambda im, s=dg: blur(im, s), x) if dg > 0 else x.clone() for dg in d], 1)
+        guides = torch.stack([_rowwise(lambda im, s=dg: blur(im, s), x) for dg in d], 1)
         return guides, sig
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ spec {name, dynamic: true, enhancer}).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -27,6 +28,7 @@ from models.diffusion import dr2_schedule, respaced_linear_schedule
 from models.dr2 import DR2Params, dr2_sample
 from models.dynamic import REF_SIZE, DSSTTable, DynParams, SpectralBlurEstimator, dynamic_sample
 from models.enhancers import BUILTIN, enhance
+from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
 from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
@@ -207,14 +209,9 @@ class DynamicStage(NetworkHost):
         params = [DynParams.of(sig.tolist(), self.table, self.schedule, size, gamma=self.cfg.gamma,
                                eta=self.cfg.eta, eta_scale=self.cfg.eta_scale, max_start=self.cfg.max_start)
                   for sig in sigmas]
-        scale_map = None
-        if not self.cfg.scale_map:
-            scale_map = torch.ones((len(ids), 1, size, size), device=self.device)
-        elif (self.cfg.scale_map_sigma, self.cfg.scale_map_floor) != (1.5, 0.1):
-            from models.guidance import guidance_scale_map
-
-            def scale_map(im, s=self.cfg.scale_map_sigma, f=self.cfg.scale_map_floor):
-                return guidance_scale_map(im, sigma=s, floor=f)
+        scale_map = (functools.partial(guidance_scale_map, sigma=self.cfg.scale_map_sigma,
+                                       floor=self.cfg.scale_map_floor) if self.cfg.scale_map
+                     else torch.ones((len(ids), 1, size, size), device=self.device))
         x0 = dynamic_sample(self._network, self.schedule, y, guides, params, SeededNoise(seeds), scale_map=scale_map)
         info = [{"sigma_est": float(sig[-1]) * REF_SIZE / size, "start_t": int(self.schedule.timestep_map[p.start]),
                  "guide_sigmas": ",".join(f"{float(s) * REF_SIZE / size:.3f}" for s in sig), "eta": p.eta}

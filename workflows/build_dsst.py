@@ -76,7 +76,9 @@ def build_table(x: torch.Tensor, *, sigmas=DEFAULT_SIGMAS, c: float | None = Non
     if c is None:
         # The smallest c with rms(typical) <= c * nts[typical_t]; the relative 1e-12 keeps the equality from
         # rounding to t + 1.
-        c = blur_rms(x, typical_sigma) / nts[typical_t] * (1 + 1e-12)
+        known = [float(s) for s in sigmas]
+        typical = rms[known.index(typical_sigma)] if typical_sigma in known else blur_rms(x, typical_sigma)
+        c = typical / nts[typical_t] * (1 + 1e-12)
     start_t = [dsst_start_t(r, c, base) for r in rms]
     sched = respaced_linear_schedule(num_timesteps, respacing)
     table = {
