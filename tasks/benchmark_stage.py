@@ -101,17 +101,31 @@ class BenchmarkStage:
     """
 
     def __init__(self, methods: list[dict], dr2: DR2Config, enhancer: EnhancerConfig, metrics: MetricsConfig,
-                 runtime: RuntimeConfig, seed: int, model_size: int = 256, storage_options: dict | None = None):
+                 runtime: RuntimeConfig, seed: int, model_size: int = 256, storage_options: dict | None = None,
+                 device: torch.device | None = None):
         self.methods = parse_methods(methods)
         self.model_size, self.seed = model_size, int(seed)
         self.dr2 = DR2Stage(dr2, runtime, seed, storage_options) if any("N" in m for m in self.methods) else None
-        self.device = self.dr2.device if self.dr2 else torch.device("cpu")
+        # without DR2 methods, a subclass's sampler device (or the CPU) hosts the enhancers and the metrics
+        self.device = self.dr2.device if self.dr2 else (device or torch.device("cpu"))
         self.enhancers = {}
-        for name in {m["enhancer"] for m in self.methods if "N" in m}:
-            cfg = enhancer if name == enhancer.name else EnhancerConfig(name=name, size=enhancer.size)
-            self.enhancers[name] = build_enhancer(cfg, self.device, storage_options)
+        self._add_enhancers({m["enhancer"] for m in self.methods if "N" in m}, enhancer, storage_options)
         self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256)
         self.metric_names = [n for n in self.suite.names if n != "fid"]
+
+    def _add_enhancers(self, names: set[str], enhancer: EnhancerConfig, storage_options: dict | None) -> None:
+        for name in names - set(self.enhancers):
+            cfg = enhancer if name == enhancer.name else EnhancerConfig(name=name, size=enhancer.size)
+            self.enhancers[name] = build_enhancer(cfg, self.device, storage_options)
+
+    def _finish(self, x0: torch.Tensor, enhancer_name: str, gt_size: int) -> np.ndarray:
+        """A method's output as uint8 at the GT size: its enhancer, then bicubic if it ends elsewhere."""
+        model, hand, _ = self.enhancers[enhancer_name]
+        with torch.inference_mode():
+            y = enhance(model, x0, hand or gt_size)
+            if y.shape[-1] != gt_size:  # compare at the GT size
+                y = enhance(BUILTIN["bicubic"](), y, gt_size)
+        return to_uint8(y)
 
     def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
         gt_size = batch["image"].shape[1]
@@ -127,12 +141,7 @@ class BenchmarkStage:
             if key not in x0s:
                 small = np.stack([resize_to(im, self.model_size) for im in lq])  # the reference's PIL bicubic
                 x0s[key] = self.dr2.restore_float(small, ids, [DR2Params.of(*key)] * len(ok))
-            model, hand, _ = self.enhancers[m["enhancer"]]
-            with torch.inference_mode():
-                y = enhance(model, x0s[key], hand or gt_size)
-                if y.shape[-1] != gt_size:  # compare at the GT size
-                    y = enhance(BUILTIN["bicubic"](), y, gt_size)
-            outs[m["name"]] = to_uint8(y)
+            outs[m["name"]] = self._finish(x0s[key], m["enhancer"], gt_size)
         return outs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

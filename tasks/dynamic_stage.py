@@ -27,7 +27,7 @@ import torch
 from models.diffusion import dr2_schedule, respaced_linear_schedule
 from models.dr2 import DR2Params, dr2_sample
 from models.dynamic import REF_SIZE, DSSTTable, DynParams, SpectralBlurEstimator, dynamic_sample
-from models.enhancers import BUILTIN, enhance
+from models.enhancers import enhance
 from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
@@ -35,7 +35,6 @@ from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
 from tasks.config import opt
 from tasks.dr2_stage import TINY_UNET, NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
 from tasks.images import resize_to
-from tasks.metrics import MetricSuite
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.weights import RANDOM_INIT, load_weights
 
@@ -294,17 +293,11 @@ class DynamicBenchmarkStage(BenchmarkStage):
                  metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,
                  storage_options: dict | None = None):
         methods = parse_methods_with_dynamic(methods)
-        super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
-                         model_size, storage_options)
-        self.methods = methods
         self.dyn = DynamicStage(dynamic, None, runtime, seed, storage_options)
-        if self.dr2 is None and self.device != self.dyn.device:  # metrics on the sampler's device
-            self.device = self.dyn.device
-            self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options,
-                                     sha256=metrics.sha256)
-        for name in {m["enhancer"] for m in methods if is_dynamic(m)} - set(self.enhancers):
-            cfg = enhancer if name == enhancer.name else EnhancerConfig(name=name, size=enhancer.size)
-            self.enhancers[name] = build_enhancer(cfg, self.device, storage_options)
+        super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
+                         model_size, storage_options, device=self.dyn.device)
+        self.methods = methods
+        self._add_enhancers({m["enhancer"] for m in methods if is_dynamic(m)}, enhancer, storage_options)
         self._starts: list[int] = []
 
     def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
@@ -317,12 +310,7 @@ class DynamicBenchmarkStage(BenchmarkStage):
         x0, params, _ = self.dyn.restore_float(batch["lq_pixels"][ok], ids)
         self._starts = [p.start for p in params]
         for m in dyn:
-            model, hand, _ = self.enhancers[m["enhancer"]]
-            with torch.inference_mode():
-                y = enhance(model, x0, hand or gt_size)
-                if y.shape[-1] != gt_size:
-                    y = enhance(BUILTIN["bicubic"](), y, gt_size)
-            outs[m["name"]] = to_uint8(y)
+            outs[m["name"]] = self._finish(x0, m["enhancer"], gt_size)
         return outs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
