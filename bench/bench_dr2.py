@@ -155,20 +155,23 @@ def sync(device: torch.device) -> None:
 
 
 class Network:
-    """A DR2Stage (production wrapper, random seeded weights) plus the benchmark-only CPU extras."""
+    """A DR2Stage (production wrapper, random seeded weights; compiled by its own runtime.compile, padded to
+    `batch` rows) plus the benchmark-only CPU extras."""
 
-    def __init__(self, arch: str, device: torch.device, v: Variant, threads: int):
+    def __init__(self, arch: str, device: torch.device, v: Variant, threads: int, batch: int):
         runtime = RuntimeConfig(device=device.type, precision=v.precision if device.type == "cuda" else "fp32",
-                                channels_last=v.channels_last, torch_threads=threads)
+                                channels_last=v.channels_last, torch_threads=threads, batch_size=batch,
+                                compile=v.compile_mode if v.compile else "off")
         self.stage = DR2Stage(DR2Config(architecture=arch, allow_random_weights=True), runtime, seed=0)
         self.device = device
-        self.stage.model.batch_invariant_cpu = v.batch_invariant_cpu
-        self.eager = self.stage.model
+        self.eager = getattr(self.stage.model, "_orig_mod", self.stage.model)
+        self.eager.batch_invariant_cpu = v.batch_invariant_cpu
+        self.compiled = v.compile
         self.fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.stage._network
         if device.type == "cpu" and (v.channels_last or v.precision != "fp32"):
             # Production runs CPU in fp32 with contiguous tensors: apply the same wrapping here.
             if v.channels_last:
-                self.stage.model = self.eager = self.eager.to(memory_format=torch.channels_last)
+                self.eager.to(memory_format=torch.channels_last)
             dtype, inner = AUTOCAST[v.precision], self.stage._network
 
             def cpu_network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -180,15 +183,9 @@ class Network:
                     return inner(x, t)
 
             self.fn = cpu_network
-        self.compiled = False
-        if v.compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            # _network calls self.stage.model
-            self.stage.model = torch.compile(self.eager, dynamic=False, mode=v.compile_mode)
-            self.compiled = True
 
     def uncompile(self) -> None:
-        self.stage.model, self.compiled = self.eager, False
+        self.stage.model, self.stage.fixed_batch, self.compiled = self.eager, 0, False
 
 
 def count_flops(arch: str, size: int, device: torch.device, model: torch.nn.Module) -> float:
@@ -304,11 +301,11 @@ def _run(args: argparse.Namespace) -> dict:
     notes = []
     with torch.inference_mode():
         for v in variants:
-            net = Network(args.arch, device, v, threads)
-            if flops is None:
-                flops = count_flops(args.arch, size, device, net.eager)
             b1 = None
             for b in v.batch_sizes:
+                net = Network(args.arch, device, v, threads, b)  # per batch: a compiled graph has one batch size
+                if flops is None:
+                    flops = count_flops(args.arch, size, device, net.eager)
                 row = Row(v.label, b, precision=v.precision, channels_last=v.channels_last, compile=v.compile,
                           batch_invariant_cpu=v.batch_invariant_cpu)
                 rows.append(row)
@@ -316,6 +313,7 @@ def _run(args: argparse.Namespace) -> dict:
                     row.times_s, row.finite = time_batch(net, schedule, params, b, size, warmup, repeats)
                 except torch.cuda.OutOfMemoryError:
                     row.error = "out of memory"
+                    del net
                     torch.cuda.empty_cache()
                     break  # larger batches will not fit either
                 except Exception as e:  # torch.compile failures surface on the first call: go on eager
@@ -331,9 +329,11 @@ def _run(args: argparse.Namespace) -> dict:
                 row.pct_peak = None if peak is None else 100 * row.tflops / peak
                 b1 = b1 or ips
                 row.ratio_vs_b1 = ips / b1
-            del net
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                del net
+                if v.compile:
+                    torch._dynamo.reset()  # drop this batch size's graphs (and their recompile budget)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     ref = next((r.images_per_s for r in rows if r.configuration.startswith("reference")), None)
     for r in rows:
         if ref and r.images_per_s:

@@ -44,11 +44,18 @@ class DR2Config:
     tau: Sampled = opt(Sampled((22,)), "last diffusion step tau per sample (0..99): fixed, set or range")
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = opt("auto", "where the DR2 actors run: auto (cuda if the actor has a GPU), cuda or cpu")
     precision: str = opt("bf16", "network precision on CUDA: bf16 or fp16 autocast, or fp32 (CPU: fp32)")
     channels_last: bool = opt(True, "channels_last memory format on CUDA (faster convolutions)")
+    compile: str = opt("off", "torch.compile the network: off, default, reduce-overhead (also CUDA graphs of the "
+                              "forward) or max-autotune. Each actor compiles once, on its first batch (minutes for the "
+                              "full UNet); every network call is then padded to batch_size rows, so one graph "
+                              "serves short last batches and mixed (N, tau) steps alike")
     batch_size: int = opt(16, "images per DR2 batch (per actor call); fill the GPU")
     num_actors: int = opt(0, "DR2 actor pool size; 0 = one per GPU in the cluster (or 1 without GPUs)")
     gpus_per_actor: float = opt(1.0, "GPUs per DR2 actor when the cluster has GPUs (fractions share one)")
@@ -56,6 +63,12 @@ class RuntimeConfig:
     torch_threads: int = opt(0, "torch CPU threads per actor; 0 = cpus_per_actor")
     chaos_exit_once: str | None = opt(None, "fault-injection for recovery tests: a marker-file path; the first "
                                             "DR2 call that finds it absent creates it and kills its own process")
+
+    def __post_init__(self):  # checked where the config is built: the driver, before any actor starts
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"runtime.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -114,9 +127,11 @@ def autocast_on(dtype: torch.dtype | None):
 
 class NetworkHost:
     """What every stage running a diffusion network shares: the actor's device and threads, the network
-    placed for inference (eval, no grad; on CUDA channels_last and bf16/fp16 autocast per runtime), and
-    `_network(x, t)`, the call the samplers make (it reads self.model, so a benchmark may swap in a compiled one).
+    placed for inference (eval, no grad; on CUDA channels_last and bf16/fp16 autocast per runtime; compiled
+    per runtime.compile), and `_network(x, t)`, the call the samplers make.
     """
+
+    compile_backend = "inductor"  # torch.compile's backend; tests swap in a counting one
 
     def _place(self, model: torch.nn.Module, runtime: RuntimeConfig) -> None:
         self.runtime, self.device = runtime, resolve_device(runtime.device)
@@ -129,15 +144,38 @@ class NetworkHost:
                 model = model.to(memory_format=torch.channels_last)
             if runtime.precision in ("bf16", "fp16"):
                 self.autocast = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
-            elif runtime.precision != "fp32":
-                raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {runtime.precision!r}")
+        # A compiled graph is specialised to its batch size (dynamic=False: static shapes are what CUDA
+        # graphs and the fastest kernels need), so calls are padded to one fixed size instead.
+        self.fixed_batch = 0
+        if runtime.compile != "off":
+            self.fixed_batch = max(1, int(runtime.batch_size))
+            mode = None if runtime.compile == "default" else runtime.compile
+            model = torch.compile(model, dynamic=False, mode=mode, backend=self.compile_backend)
         self.model = model
 
     def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if not self.fixed_batch:
+            with autocast_on(self.autocast):
+                return self.model(x, t)
+        return torch.cat([self._fixed_forward(x[s:s + self.fixed_batch], t[s:s + self.fixed_batch])
+                          for s in range(0, x.shape[0], self.fixed_batch)])
+
+    def _fixed_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One compiled call on exactly fixed_batch rows in one memory layout: short inputs are padded with
+        copies of their last row (a valid input; rows never mix in the network), cut off the output."""
+        n, pad = x.shape[0], self.fixed_batch - x.shape[0]
+        if pad:
+            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+            t = torch.cat([t, t[-1:].expand(pad)])
+        # strides are part of the graph's guards, and inputs arrive in either layout
+        channels_last = self.device.type == "cuda" and self.runtime.channels_last
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with autocast_on(self.autocast):
-            return self.model(x, t)
+            out = self.model(x, t)
+        # CUDA graphs reuse their output buffer at the next replay: the caller gets its own copy
+        return out[:n].clone() if self.runtime.compile == "reduce-overhead" else out[:n]
 
 
 class DR2Stage(NetworkHost):

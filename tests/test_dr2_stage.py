@@ -105,3 +105,32 @@ def test_random_init_is_the_same_network_in_every_actor():
     torch.manual_seed(456)
     b, _ = build_dr2_unet(DR2Config(allow_random_weights=True, architecture="tiny"))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_compiled_network_is_one_fixed_shape_graph_with_eager_results(stage, monkeypatch):
+    """runtime.compile pads every network call to batch_size rows: a short batch, mixed (N, tau) (so steps
+    with 1..4 rows) and a batch larger than batch_size all reuse one graph, and results equal eager's."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from tasks.dr2_stage import NetworkHost
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")  # dynamo's real tracing, without minutes of codegen on CPU
+    monkeypatch.setattr(NetworkHost, "compile_backend", counter)
+    cfg = DR2Config(allow_random_weights=True, architecture="tiny")
+    compiled = DR2Stage(cfg, RuntimeConfig(device="cpu", compile="default", batch_size=2), seed=11)
+    shapes = []
+    real = compiled.model
+    compiled.model = lambda x, t: shapes.append(x.shape[0]) or real(x, t)
+
+    batch = _batch(3)  # 3 rows > batch_size 2, N in {1, 4, 8}: steps run 1..3 of them
+    out = compiled(dict(batch))
+    assert np.array_equal(out["dr2"], stage(_batch(3))["dr2"])
+    short = compiled({k: v[1:2] for k, v in batch.items()})
+    assert np.array_equal(short["dr2"][0], out["dr2"][1])
+    assert set(shapes) == {2}, "every compiled call sees exactly batch_size rows"
+    assert counter.frame_count == 1, "one graph, no recompilation for other row counts"
+    with pytest.raises(ValueError, match="runtime.compile must be one of off, default"):
+        RuntimeConfig(compile="fast")
+    torch._dynamo.reset()
