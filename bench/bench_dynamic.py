@@ -54,8 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default 1: shared cores make 2 threads contend); 0 = torch's default")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row; images/s uses the median")
-    p.add_argument("--no-sampler-only", action="store_true",
-                   help="skip the two rows that time the samplers around a zero network (their own overhead)")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--no-sampler-only", action="store_true",
+                      help="skip the two rows that time the samplers around a zero network (their own overhead)")
+    rows.add_argument("--sampler-only", action="store_true",
+                      help="only those two rows (the samplers' own cost, quick at any size)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return p.parse_args(argv)
 
@@ -100,9 +103,10 @@ def main(argv=None) -> int:
     def zero_net(x, t):  # the samplers' own cost: a network that costs nothing
         return torch.zeros((x.shape[0], 6) + tuple(x.shape[2:]), device=x.device)
 
-    configs = [(f"dr2_sample (N={args.N}, tau={args.tau})", run_dr2),
-               (f"dynamic_sample (G={args.guides}, DGSA, eta={args.eta})", run_dyn),
-               ("dynamic_sample + spectral estimator", run_dyn_est)]
+    configs = [] if args.sampler_only else [
+        (f"dr2_sample (N={args.N}, tau={args.tau})", run_dr2),
+        (f"dynamic_sample (G={args.guides}, DGSA, eta={args.eta})", run_dyn),
+        ("dynamic_sample + spectral estimator", run_dyn_est)]
     if not args.no_sampler_only:
         configs += [("sampler only: dr2_sample, zero network",
                      lambda: dr2_sample(zero_net, dr2_schedule(), y, dr2p, SeededNoise(seeds))),
@@ -127,8 +131,10 @@ def main(argv=None) -> int:
         med = statistics.median(ts)
         rows.append({"configuration": label, "batch": B, "forwards_per_image": calls, "seconds": med,
                      "images_per_s": B / med, "ms_per_forward": 1000 * med / (calls * B), "times_s": ts})
-    for k, r in enumerate(rows):  # each sampler-only row against the sampler-only DR2 row
-        r["ratio_vs_dr2"] = r["images_per_s"] / rows[0 if k < 3 else 3]["images_per_s"]
+    for r in rows:  # against the DR2 row of the same kind (network or zero network)
+        same = "sampler only: dr2_sample" if r["configuration"].startswith("sampler only") else "dr2_sample"
+        r["ratio_vs_dr2"] = r["images_per_s"] / next(q for q in rows if q["configuration"].startswith(same))[
+            "images_per_s"]
     cpu = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
     print(f"# bench_dynamic: arch {args.arch}, {size}x{size}, batch {B}, {calls} forwards/image, {name}, "

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from models.diffusion import DiffusionSchedule
-from models.guidance import _luma, apply_scale_map, blur, closed_form_guidance, guidance_scale_map
+from models.guidance import GuidanceSolver, _luma, apply_scale_map, blur, guidance_scale_map
 from models.noise import NoiseSource
 
 # The network: x (B,C,H,W) and ORIGINAL integer timesteps (B,) -> (B, 2C, H, W) = [eps, v] (or (B, C) eps).
@@ -217,8 +217,21 @@ class DSSTTable:
 # ---------------------------------------------------------------------------------------------------------
 # The sampler
 # ---------------------------------------------------------------------------------------------------------
-def _take(t: Tensor, ks: Sequence[int], n: int) -> Tensor:
-    return t if len(ks) == n else t.index_select(0, torch.tensor(list(ks), device=t.device))
+class _Index:
+    """Row-index tensors on the device, made once per distinct row list (the lists repeat step after step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._made: dict[tuple[int, ...], Tensor] = {}
+
+    def __call__(self, ks: Sequence[int]) -> Tensor:
+        key = tuple(ks)
+        if key not in self._made:
+            self._made[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        return self._made[key]
+
+    def take(self, t: Tensor, ks: Sequence[int], n: int) -> Tensor:
+        return t if len(ks) == n else t.index_select(0, self(ks))
 
 
 def _rowwise(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
@@ -269,22 +282,21 @@ def dynamic_sample(
             M = _rowwise(scale_map, x_init).float()
         else:
             M = scale_map.float().to(device)
-    sigmas = torch.tensor([list(p.sigmas) for p in params], dtype=torch.float64).reshape(B, G)
+    solver = GuidanceSolver(guides, [list(p.sigmas) for p in params]) if guided else None
     eta = torch.tensor([p.eta for p in params], dtype=torch.float32, device=device)
     start = [p.start for p in params]
     x = torch.empty_like(x_init)
     out = torch.empty_like(x_init)
-
-    def put(dst: Tensor, bs: Sequence[int], src: Tensor) -> None:
-        dst.index_copy_(0, torch.tensor(list(bs), device=device), src)
+    index = _Index(device)
 
     for i in range(max(start), -1, -1):
         rows = [b for b in range(B) if i <= start[b]]
         new = [b for b in rows if start[b] == i]
         if new:
-            xn = _take(x_init, new, B)
-            put(x, new, schedule.q_sample(xn, torch.full((len(new),), i, device=device), noise("init", i, new, xn)))
-        xi = _take(x, rows, B)
+            xn = index.take(x_init, new, B)
+            x.index_copy_(0, index(new), schedule.q_sample(xn, torch.full((len(new),), i, device=device),
+                                                           noise("init", i, new, xn)))
+        xi = index.take(x, rows, B)
         step = torch.full((len(rows),), i, device=device, dtype=torch.long)
         eps = model(xi, schedule.original_timesteps(step)).float()[:, :C]  # a learned variance is ignored
         x0 = schedule.predict_x0(xi, step, eps).clamp(-1, 1)
@@ -293,25 +305,21 @@ def dynamic_sample(
         act = [k for k, g in gam.items() if any(v > 0 for v in g)]
         if act:
             bs = [rows[k] for k in act]
-            x0a = _take(x0, act, len(rows))
-            gt = torch.tensor([gam[k] for k in act], dtype=torch.float64)
-            X = _rowwise(closed_form_guidance, x0a, _take(guides, bs, B), sigmas[bs], gt)
-            x0g = apply_scale_map(x0a, X, _take(M, bs, B) if M.shape[0] == B else M).clamp(-1, 1)
-            if len(act) == len(rows):
-                x0 = x0g
-            else:
-                x0 = x0.index_copy(0, torch.tensor(act, device=device), x0g)
+            x0a = index.take(x0, act, len(rows))
+            X = solver(x0a, bs, [gam[k] for k in act])
+            x0g = apply_scale_map(x0a, X, index.take(M, bs, B) if M.shape[0] == B else M).clamp(-1, 1)
+            x0 = x0g if len(act) == len(rows) else x0.index_copy(0, index(act), x0g)
 
         if i == 0:
-            put(out, rows, x0)
+            out.index_copy_(0, index(rows), x0)
             break
-        etas = _take(eta, rows, B)
+        etas = index.take(eta, rows, B)
         z = noise("z", i, rows, xi) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(xi)
         x_prev = schedule.ddim_step(x0, eps, step, etas, z)
         if len(rows) == B:
             x = x_prev
         else:
-            put(x, rows, x_prev)
+            x.index_copy_(0, index(rows), x_prev)
     return out
 
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "PAD_MODES",
+    "GuidanceSolver",
     "ScaleMapNet",
     "apply_scale_map",
     "blur",
@@ -249,56 +250,113 @@ def blur(x: Tensor, sigma: float | Tensor, pad: str = "reflect") -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Closed-form guidance
 # ---------------------------------------------------------------------------------------------------------
-def _params(sigmas, gamma, B: int, G: int) -> tuple[list[list[float]], list[list[float]]]:
-    def table(v, name):
-        t = torch.as_tensor(v.detach().cpu() if torch.is_tensor(v) else v, dtype=torch.float64)
-        try:
-            t = torch.broadcast_to(t, (B, G))
-        except RuntimeError as e:
-            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, G) = ({B}, {G})") from e
-        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-            raise ValueError(f"{name} must be finite and >= 0")
-        return t.tolist()
-
-    return table(sigmas, "sigmas"), table(gamma, "gamma")
+def _table(v, B: int, G: int, name: str) -> list[list[float]]:
+    """sigmas or gammas as a (B, G) table of floats, checked finite and >= 0."""
+    t = torch.as_tensor(v.detach().cpu() if torch.is_tensor(v) else v, dtype=torch.float64)
+    try:
+        t = torch.broadcast_to(t, (B, G))
+    except RuntimeError as e:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, G) = ({B}, {G})") from e
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0")
+    return t.tolist()
 
 
-def _solve(x0: Tensor, guides: Tensor, sig: list[list[float]], gam: list[list[float]], p: int, mode: str) -> Tensor:
-    """Fourier solve on x0 (B, C, H, W), guides (B, G, C, H, W) padded by p (mode), cropped back.
+class GuidanceSolver:
+    """closed_form_guidance for one fixed set of guides, with their side of the solve computed once.
 
-    Inactive guides (gamma 0) are zeroed before the FFT (NaN/inf content is ignored) and contribute exact
-    zeros to the per-guide accumulation, so they change nothing bit-for-bit.
+    A sampler solves at every step with a new x0 but the same guides and sigmas; only which guides are
+    active (gamma > 0) changes. The padded guides' spectra and the OTFs depend on the guides, the sigmas
+    and the pad P alone, so they are computed on first use for each (sample, P) and kept: a step costs one
+    rfft2/irfft2 of x0 and elementwise work.
+
+    guides (B, G, C, H, W); sigmas (B, G) or broadcastable, >= 0. Call with x0 (R, C, H, W), the rows
+    (sample indices into guides) x0 belongs to, and gamma (R, G) or broadcastable.
+    rowwise (default: on CPU) solves every sample alone, so a result never depends on the rest of the
+    batch (CPU FFTs may round differently with the batch); otherwise samples sharing P share one FFT.
     """
-    B, G, C, H, W = guides.shape
-    dev, cdt = x0.device, x0.dtype
-    if not all(g > 0 for row in gam for g in row):
-        active = torch.tensor([[g > 0 for g in row] for row in gam], device=dev)
-        guides = torch.where(active[:, :, None, None, None], guides, torch.zeros((), dtype=cdt, device=dev))
-    xp = _pad(x0, p, mode)
-    yp = _pad(guides.reshape(B * G, C, H, W), p, mode)
-    hp, wp = xp.shape[-2:]
-    fx = torch.fft.rfft2(xp)
-    fy = torch.fft.rfft2(yp).reshape(B, G, C, hp, -1)
-    otf = _gaussian_otf_r([s for row in sig for s in row], hp, wp, cdt, dev).reshape(B, G, 1, hp, -1)
-    gamma = torch.tensor(gam, dtype=cdt, device=dev)
-    num = fx
-    den = torch.ones((B, 1, hp, fx.shape[-1]), dtype=cdt, device=dev)
-    for g in range(G):
-        if not any(row[g] > 0 for row in gam):
-            continue
-        gk = gamma[:, g, None, None, None] * otf[:, g]  # (B, 1, hp, wf), exactly 0 where gamma is 0
-        num = num + gk * fy[:, g]
-        den = den + gk * otf[:, g]
-    out = torch.fft.irfft2(num / den, s=(hp, wp))
-    return out[..., p : p + H, p : p + W]
 
+    def __init__(self, guides: Tensor, sigmas, *, pad: str = "reflect", rowwise: bool | None = None):
+        if guides.dim() != 5:
+            raise ValueError(f"guides must be (B, G, C, H, W), got {tuple(guides.shape)}")
+        self.mode = _check_mode(pad)
+        self.guides = guides
+        self.B, self.G = guides.shape[:2]
+        self.cdt = _compute_dtype(guides.dtype)
+        self.sig = _table(sigmas, self.B, self.G, "sigmas")
+        self.rowwise = guides.device.type == "cpu" if rowwise is None else rowwise
+        # P -> (spectra (B, G, C, hp, wf), OTFs (B, G, 1, hp, wf), which samples are filled in)
+        self._cache: dict[int, tuple[Tensor, Tensor, list[bool]]] = {}
 
-def _prepare(x0: Tensor, guides: Tensor):
-    if x0.dim() != 4:
-        raise ValueError(f"x0 must be (B, C, H, W), got {tuple(x0.shape)}")
-    if guides.dim() != 5 or guides.shape[0] != x0.shape[0] or guides.shape[2:] != x0.shape[1:]:
-        raise ValueError(f"guides must be (B, G, C, H, W) matching x0 {tuple(x0.shape)}, got {tuple(guides.shape)}")
-    return x0.shape[0], guides.shape[1]
+    def _spectra(self, p: int, rows: list[int]) -> tuple[Tensor, Tensor]:
+        """The guides' padded spectra and OTFs at pad p for `rows`, computed on first use."""
+        B, G, C, H, W = self.guides.shape
+        dev = self.guides.device
+        if p not in self._cache:
+            hp, wf = H + 2 * p, (W + 2 * p) // 2 + 1  # circular mode: p is 0
+            cplx = torch.complex128 if self.cdt == torch.float64 else torch.complex64
+            self._cache[p] = (torch.empty((B, G, C, hp, wf), dtype=cplx, device=dev),
+                              torch.empty((B, G, 1, hp, wf), dtype=self.cdt, device=dev), [False] * B)
+        fy, otf, filled = self._cache[p]
+        for b in rows:  # once per sample and P, one sample at a time (batch-independent spectra)
+            if not filled[b]:
+                yp = _pad(self.guides[b].to(self.cdt), p, self.mode)
+                fy[b] = torch.fft.rfft2(yp)
+                otf[b] = _gaussian_otf_r(self.sig[b], yp.shape[-2], yp.shape[-1], self.cdt, dev)[:, None]
+                filled[b] = True
+        if rows == list(range(B)):
+            return fy, otf
+        it = torch.tensor(rows, device=dev)
+        return fy.index_select(0, it), otf.index_select(0, it)
+
+    def __call__(self, x0: Tensor, rows: Sequence[int], gamma) -> Tensor:
+        """The guided estimate for x0 (R, C, H, W) of samples `rows`; a sample whose gammas are all 0 is
+        returned as x0 bit-for-bit, and an inactive guide (gamma 0) is ignored, even NaN content."""
+        rows = [int(b) for b in rows]
+        if x0.dim() != 4 or x0.shape[0] != len(rows) or x0.shape[1:] != self.guides.shape[2:]:
+            want = (len(rows), *self.guides.shape[2:])
+            raise ValueError(f"x0 must be (len(rows), C, H, W) = {want}, got {tuple(x0.shape)}")
+        gam = _table(gamma, len(rows), self.G, "gamma")
+        groups: dict[int, list[int]] = {}
+        for k, b in enumerate(rows):
+            act = [s for s, g in zip(self.sig[b], gam[k]) if g > 0]
+            if act:
+                p = 0 if self.mode == "circular" else max(kernel_radius(s) for s in act)
+                groups.setdefault(p, []).append(k)
+        if self.rowwise:
+            groups = {(p, k): [k] for p, ks in groups.items() for k in ks}
+        out = x0.clone()
+        for key, ks in groups.items():
+            p = key[0] if isinstance(key, tuple) else key
+            whole = len(ks) == len(rows)
+            xs = x0 if whole else x0.index_select(0, torch.tensor(ks, device=x0.device))
+            fy, otf = self._spectra(p, [rows[k] for k in ks])
+            res = self._solve(xs.to(self.cdt), fy, otf, [gam[k] for k in ks], p).to(x0.dtype)
+            if whole:
+                out = res
+            else:
+                out[torch.tensor(ks, device=x0.device)] = res
+        return out
+
+    def _solve(self, x0: Tensor, fy: Tensor, otf: Tensor, gam: list[list[float]], p: int) -> Tensor:
+        """X = (F(x0) + sum_g gamma_g K_g F(y_g)) / (1 + sum_g gamma_g K_g^2) on the padded grid, cropped."""
+        H, W = x0.shape[-2:]
+        xp = _pad(x0, p, self.mode)
+        hp, wp = xp.shape[-2:]
+        num = torch.fft.rfft2(xp)
+        den = torch.ones((x0.shape[0], 1, hp, num.shape[-1]), dtype=self.cdt, device=x0.device)
+        gamma = torch.tensor(gam, dtype=self.cdt, device=x0.device)
+        for g in range(self.G):
+            on = [row[g] > 0 for row in gam]
+            if not any(on):
+                continue
+            gk = gamma[:, g, None, None, None] * otf[:, g]  # exactly 0 where gamma is 0
+            fyg = fy[:, g]
+            if not all(on):  # 0 * NaN would leak an inactive guide's content
+                fyg = torch.where(torch.tensor(on, device=x0.device)[:, None, None, None], fyg, 0)
+            num = num + gk * fyg
+            den = den + gk * otf[:, g]
+        return torch.fft.irfft2(num / den, s=(hp, wp))[..., p : p + H, p : p + W]
 
 
 def closed_form_guidance(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Tensor, *, pad: str = "reflect") -> Tensor:
@@ -306,38 +364,19 @@ def closed_form_guidance(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Tens
 
     x0 (B, C, H, W); guides (B, G, C, H, W); sigmas, gamma (B, G) (anything broadcastable to it: floats,
     (G,), ...), all >= 0. gamma_g = 0 disables guide g exactly (its content, even NaN, and its sigma are
-    ignored); a sample whose gammas are all 0 is returned as x0 bit-for-bit (all-zero gammas short-circuit
-    to ``x0.clone()``).
+    ignored); a sample whose gammas are all 0 is returned as x0 bit-for-bit.
 
     Each sample is padded (mode ``pad``, default reflect; "circular" = no padding) by its own
-    P = ceil(3 max active sigma), so a batched call equals per-sample calls; samples sharing P are solved
-    in one FFT batch. Compute in float64 for float64 x0, else float32; returns x0's dtype.
+    P = ceil(3 max active sigma), so a batched call equals per-sample calls; on CUDA samples sharing P are
+    solved in one FFT batch. Compute in float64 for float64 x0, else float32; returns x0's dtype.
+    A sampler that solves with the same guides at every step keeps a `GuidanceSolver` instead.
     """
-    mode = _check_mode(pad)
-    B, G = _prepare(x0, guides)
-    sig, gam = _params(sigmas, gamma, B, G)
-    groups: dict[int, list[int]] = {}
-    for b in range(B):
-        act = [s for s, g in zip(sig[b], gam[b]) if g > 0]
-        if act:
-            p = 0 if mode == "circular" else max(kernel_radius(s) for s in act)
-            groups.setdefault(p, []).append(b)
-    out = x0.clone()
-    if not groups:
-        return out
-    cdt = _compute_dtype(x0.dtype)
-    for p, idx in groups.items():
-        if len(idx) == B:
-            xs, ys = x0, guides
-        else:
-            it = torch.tensor(idx, device=x0.device)
-            xs, ys = x0.index_select(0, it), guides.index_select(0, it)
-        res = _solve(xs.to(cdt), ys.to(cdt), [sig[b] for b in idx], [gam[b] for b in idx], p, mode).to(x0.dtype)
-        if len(idx) == B:
-            out = res
-        else:
-            out[it] = res
-    return out
+    if x0.dim() != 4:
+        raise ValueError(f"x0 must be (B, C, H, W), got {tuple(x0.shape)}")
+    if guides.dim() != 5 or guides.shape[0] != x0.shape[0] or guides.shape[2:] != x0.shape[1:]:
+        raise ValueError(f"guides must be (B, G, C, H, W) matching x0 {tuple(x0.shape)}, got {tuple(guides.shape)}")
+    solver = GuidanceSolver(guides.to(_compute_dtype(x0.dtype)), sigmas, pad=pad)
+    return solver(x0, range(x0.shape[0]), gamma)
 
 
 def _closed_form_circular(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.guidance import (
+    GuidanceSolver,
     ScaleMapNet,
     _closed_form_circular,
     _gaussian_otf_r,
@@ -316,6 +317,35 @@ def test_per_sample_parameters_match_single_calls():
         for b in range(4):
             single = closed_form_guidance(xb[b : b + 1], yb[b : b + 1], sig[b : b + 1], gam[b : b + 1])
             assert float((out[b] - single[0]).abs().max()) < tol
+
+
+def test_prepared_solver_over_steps_equals_fresh_solves_and_prepares_each_sample_once(monkeypatch):
+    """The sampler's pattern: the same guides every step, new x0, guides joining (gamma 0 -> > 0) and rows
+    dropping out. Each step equals a fresh closed_form_guidance; the guides' side is built once per
+    (sample, P); an inactive guide's NaN content never leaks; the batched (GPU) grouping equals rowwise."""
+    import models.guidance as guidance
+
+    x0, guides, _ = _problem(B=3, G=3, C=3, H=24, W=20, seed=9)
+    guides[1, 2] = float("nan")  # guide 2 of sample 1 is never active
+    sig = torch.tensor([[2.0, 1.0, 0.5], [1.4, 0.8, 0.3], [2.0, 1.0, 0.5]])
+    built = []
+    real = guidance._gaussian_otf_r
+    monkeypatch.setattr(guidance, "_gaussian_otf_r", lambda *a: built.append(a[0]) or real(*a))
+    solver, batched = GuidanceSolver(guides, sig), GuidanceSolver(guides, sig, rowwise=False)
+    steps = [([0, 1, 2], [[1, 0, 0], [1, 0, 0], [1, 0, 0]]),
+             ([0, 1, 2], [[1, 2, 0], [1, 2, 0], [1, 0, 0]]),
+             ([0, 2], [[1, 2, 3], [1, 2, 3]]),
+             ([1], [[0, 0, 0]])]
+    g = torch.Generator().manual_seed(3)
+    xs = [x0[rows] + 0.1 * torch.randn(x0[rows].shape, generator=g, dtype=x0.dtype) for rows, _ in steps]
+    got = [solver(x, rows, gam) for x, (rows, gam) in zip(xs, steps)]
+    assert len(built) == 3, "OTFs built once per sample (P = 6 for all three here), not once per step"
+    for x, out, (rows, gam) in zip(xs, got, steps):
+        want = closed_form_guidance(x, guides[rows], sig[rows], torch.tensor(gam, dtype=D))
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, want, rtol=0, atol=1e-12)
+        assert torch.allclose(batched(x, rows, gam), out, rtol=0, atol=1e-12)
+    assert torch.equal(got[-1], xs[-1]), "all gammas 0: x0 bit-for-bit"
 
 
 def test_closed_form_validates_inputs():
