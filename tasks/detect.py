@@ -21,7 +21,6 @@ right, where left/right are AS SEEN IN THE IMAGE (image-left first), which is al
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 
 from tasks.align import FFHQ_TEMPLATE_512, eye_distance
 from tasks.config import opt
+from tasks.plugins import import_plugin
 
 __all__ = [
     "FFHQ_TEMPLATE_512",
@@ -314,14 +314,15 @@ class HaarDetector(_ScaledDetector):
     default_min_score = 0.5
 
     def __init__(self, weights: str | None = None, min_score: float | None = None, min_face_size: int = 20,
-                 max_side: int = 1600, scale_factor: float = 1.1, min_neighbors: int = 5, equalize: bool = True):
+                 max_side: int = 1600, scale_factor: float = 1.1, min_neighbors: int = 5, equalize: bool = True,
+                 storage_options: dict | None = None):
         super().__init__(min_score, min_face_size, max_side)
         if not scale_factor > 1 or min_neighbors < 0:
             raise ValueError(f"haar needs scale_factor > 1 and min_neighbors >= 0, got {scale_factor}, "
                              f"{min_neighbors}")
         self.scale_factor, self.min_neighbors, self.equalize = float(scale_factor), int(min_neighbors), equalize
         path = weights or os.path.join(cv2.data.haarcascades, _DEFAULT_CASCADE)
-        self._face = _load_cascade(path)
+        self._face = _load_cascade(path, storage_options)
         self._eyes = _load_cascade(os.path.join(cv2.data.haarcascades, "haarcascade_eye.xml"))
         self.identity = f"haar:opencv-{cv2.__version__}:{os.path.basename(path)}"
 
@@ -373,11 +374,11 @@ class HaarDetector(_ScaledDetector):
         return np.stack([z.real, z.imag], axis=1).astype(np.float32)
 
 
-def _load_cascade(path: str) -> cv2.CascadeClassifier:
+def _load_cascade(path: str, storage_options: dict | None = None) -> cv2.CascadeClassifier:
     if "://" in path:  # fsspec URI: CascadeClassifier reads only local files
         from tasks.storage import get_fs
 
-        fs, p = get_fs(path, None)
+        fs, p = get_fs(path, storage_options)
         data = fs.cat_file(p)
         with tempfile.NamedTemporaryFile(suffix=".xml", delete=False) as f:
             f.write(data)
@@ -428,25 +429,7 @@ class PluginDetector:
         return out
 
 
-def _import_class(name: str) -> type:
-    if ":" in name:
-        module, _, attr = name.partition(":")
-    else:
-        module, _, attr = name.rpartition(".")
-    if not module or not attr:
-        raise ValueError(f"detector.name {name!r}: expected mtcnn, haar, or a plug-in class "
-                         "'pkg.module:Class' / 'pkg.module.Class'")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(f"detector.name {name!r}: cannot import module {module!r}: {e}") from e
-    try:
-        return getattr(mod, attr)
-    except AttributeError:
-        raise ValueError(f"detector.name {name!r}: module {module!r} has no attribute {attr!r}") from None
-
-
-def build_detector(cfg: DetectorConfig) -> FaceDetector:
+def build_detector(cfg: DetectorConfig, storage_options: dict | None = None) -> FaceDetector:
     """The detector a config names. Built-ins load in ~0.1 s (MTCNN) / ~0.05 s (Haar); every returned
     object has `detect(images)` and an `identity` string for manifests (detector and weights)."""
     kind = cfg.name.strip().lower()
@@ -459,13 +442,10 @@ def build_detector(cfg: DetectorConfig) -> FaceDetector:
                                  "leave it unset")
             return MTCNNDetector(device=cfg.device, batch_size=cfg.batch_size, **common, **kwargs)
         if kind == "haar":
-            return HaarDetector(weights=cfg.weights, **common, **kwargs)
+            return HaarDetector(weights=cfg.weights, storage_options=storage_options, **common, **kwargs)
     except TypeError as e:  # unknown kwargs
         raise ValueError(f"detector.kwargs {kwargs!r} not accepted by {kind}: {e}") from None
-    if "." not in cfg.name and ":" not in cfg.name:
-        raise ValueError(f"unknown detector.name {cfg.name!r}: expected mtcnn, haar, or a plug-in class "
-                         "'pkg.module:Class' / 'pkg.module.Class'")
-    cls = _import_class(cfg.name)
+    cls = import_plugin(cfg.name, "detector.name", "mtcnn, haar")
     device = cfg.device
     if device == "auto":
         from tasks.dr2_stage import resolve_device

@@ -21,7 +21,7 @@ from models.dr2 import DR2Params, dr2_sample
 from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled, opt
-from tasks.weights import RANDOM_INIT, load_weights
+from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,7 @@ def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tu
             "no DR2 weights configured: set dr2.weights (e.g. --dr2.weights /models/DR2_FFHQ.pkl or "
             "s3://bucket/DR2_FFHQ.pkl). For a demo of the pipeline only, pass --allow-random-weights: "
             "its outputs are random-init network outputs, NOT restorations.")
-    # A fresh guided-diffusion UNet outputs exactly 0 (zero-initialised output convs): give those small
-    # random weights too so the demo exercises every layer. Seeded, so reruns match.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    fill_zero_init(model)
     return model, RANDOM_INIT if cfg.architecture == "ffhq256" else f"{RANDOM_INIT}:tiny"
 
 

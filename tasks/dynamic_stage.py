@@ -14,7 +14,6 @@ spec {name, dynamic: true, enhancer}).
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
 from tasks.config import opt
 from tasks.dr2_stage import TINY_UNET, NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
 from tasks.images import resize_to
+from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
-from tasks.weights import RANDOM_INIT, load_weights
+from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,11 +112,7 @@ def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> t
         raise RuntimeError(f"no weights configured for the dynamic prior {cfg.prior!r}: set dynamic.weights "
                            "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
                            "dynamic.allow_random_weights for a demo whose outputs are NOT restorations")
-    g = torch.Generator().manual_seed(0)  # zero-initialised convs get small seeded weights (as DR2's demo)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    fill_zero_init(model)
     return model, f"{RANDOM_INIT}:{cfg.prior}", native
 
 
@@ -124,23 +120,13 @@ class LearnedDBLM:
     """A learned blur-level mapping network named by 'package.module:Class', weights loaded strictly."""
 
     def __init__(self, cfg: DynamicConfig, device: torch.device, storage_options: dict | None = None):
-        module, _, cls = cfg.estimator.partition(":")
-        if not cls:
-            raise ValueError(f"dynamic.estimator {cfg.estimator!r}: expected 'spectral' or 'package.module:Class'")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = getattr(importlib.import_module(module), cls)(**cfg.estimator_kwargs)
-        has_params = isinstance(net, torch.nn.Module) and any(True for _ in net.parameters())
-        if cfg.estimator_weights:
-            self.identity = load_weights(net, cfg.estimator_weights, sha256=cfg.estimator_sha256,
-                                         storage_options=storage_options)
-        elif has_params and not cfg.allow_random_weights:
-            raise RuntimeError(f"no weights for the DBLM {cfg.estimator!r}: set dynamic.estimator_weights")
-        else:
-            self.identity = cfg.estimator if not has_params else f"{RANDOM_INIT}:{cfg.estimator}"
-        if isinstance(net, torch.nn.Module):
-            net = net.eval().requires_grad_(False).to(device)
-        self.net = net
+        factory = import_plugin(cfg.estimator, "dynamic.estimator", "spectral")
+        net, self.identity = build_network(
+            factory, dict(cfg.estimator_kwargs), name=cfg.estimator, weights=cfg.estimator_weights,
+            sha256=cfg.estimator_sha256, allow_random_weights=cfg.allow_random_weights,
+            storage_options=storage_options,
+            missing=f"no weights for the DBLM {cfg.estimator!r}: set dynamic.estimator_weights")
+        self.net = net.to(device) if isinstance(net, torch.nn.Module) else net
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

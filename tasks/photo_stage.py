@@ -103,8 +103,8 @@ class LoadPhotos:
 class DetectAlign:
     """Ray Data callable class (CPU actors): detector built once; adds crops (K,S,S,3), plans (JSON)."""
 
-    def __init__(self, detector: DetectorConfig, align: AlignConfig):
-        self.detector = build_detector(detector)
+    def __init__(self, detector: DetectorConfig, align: AlignConfig, storage_options: dict | None = None):
+        self.detector = build_detector(detector, storage_options)
         self.identity = getattr(self.detector, "identity", detector.name)
         self.align = align
 

@@ -7,7 +7,6 @@ this lets the two pools scale independently at the cost of one quantisation and 
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from tasks.dr2_stage import (
     to_model_range,
     to_uint8,
 )
-from tasks.weights import RANDOM_INIT, load_weights
+from tasks.plugins import build_network, import_plugin
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +45,15 @@ def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: d
     if cfg.name in ("none", "bicubic"):
         return BUILTIN[cfg.name]().to(device), (None if cfg.name == "none" else cfg.size), cfg.name
     if cfg.name in BUILTIN:
-        factory = BUILTIN[cfg.name]
-        kwargs = {"config": cfg.kwargs} if cfg.kwargs else {}
+        factory, kwargs = BUILTIN[cfg.name], ({"config": cfg.kwargs} if cfg.kwargs else {})
     else:
-        module, _, cls = cfg.name.partition(":")
-        if not cls:
-            raise ValueError(f"enhancer.name {cfg.name!r}: expected none, bicubic, sparnethd or 'module:Class'")
-        factory, kwargs = getattr(importlib.import_module(module), cls), dict(cfg.kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a random-init enhancer is the same in every actor
-        model = factory(**kwargs)
-    if isinstance(model, torch.nn.Module):
-        model = model.eval().requires_grad_(False)
-    has_params = isinstance(model, torch.nn.Module) and any(True for _ in model.parameters())
-    if cfg.weights:
-        identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options)
-    elif not has_params:
-        identity = cfg.name
-    elif cfg.allow_random_weights:
-        identity = f"{RANDOM_INIT}:{cfg.name}"
-    else:
-        raise RuntimeError(f"no weights configured for enhancer {cfg.name!r}: set enhancer.weights (e.g. "
-                           "SPARNetHD_FFHQ_DR2aug.pth), or enhancer.allow_random_weights for a demo whose "
-                           "outputs are NOT restorations")
+        factory, kwargs = import_plugin(cfg.name, "enhancer.name", "none, bicubic, sparnethd"), dict(cfg.kwargs)
+    model, identity = build_network(
+        factory, kwargs, name=cfg.name, weights=cfg.weights, sha256=cfg.sha256,
+        allow_random_weights=cfg.allow_random_weights, storage_options=storage_options,
+        missing=f"no weights configured for enhancer {cfg.name!r}: set enhancer.weights (e.g. "
+                "SPARNetHD_FFHQ_DR2aug.pth), or enhancer.allow_random_weights for a demo whose outputs are NOT "
+                "restorations")
     if isinstance(model, torch.nn.Module):
         model = model.to(device)
     return model, cfg.size if cfg.name != "none" else None, identity

@@ -16,12 +16,26 @@ __all__ = [
     "RANDOM_INIT",
     "WeightsError",
     "WeightsNotFoundError",
+    "fill_zero_init",
     "load_state_dict",
     "load_weights",
     "weights_identity",
 ]
 
 RANDOM_INIT = "random-init"  # weights identity recorded when a run deliberately has no checkpoint
+
+
+def fill_zero_init(model: torch.nn.Module) -> None:
+    """Small seeded weights for the zero-initialised layers of a random-init network.
+
+    A fresh guided-diffusion UNet outputs exactly 0 (its output convs start at zero); a demo without
+    weights should still exercise every layer. Seeded, so reruns and actors match.
+    """
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 class WeightsNotFoundError(FileNotFoundError):

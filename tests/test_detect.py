@@ -105,6 +105,18 @@ def test_haar_takes_another_cascade_as_weights(photos, mtcnn_faces):
     assert len(faces) == 1 and box_iou(faces[0].box, mtcnn_faces["astronaut"][0].box) >= 0.3
 
 
+def test_haar_cascade_from_s3_uses_the_job_storage_options(s3_server, photos, mtcnn_faces):
+    path = cv2.data.haarcascades + "haarcascade_frontalface_alt2.xml"
+    bucket = s3_server.new_bucket("cascades")
+    with open(path, "rb") as f:
+        s3_server.fs().pipe_file(f"{bucket}/haar/alt2.xml", f.read())
+    det = build_detector(DetectorConfig(name="haar", weights=f"s3://{bucket}/haar/alt2.xml"),
+                         storage_options=s3_server.storage_options)
+    assert det.identity.endswith(":alt2.xml")
+    faces = det.detect([photos["astronaut"]])[0]
+    assert len(faces) == 1 and box_iou(faces[0].box, mtcnn_faces["astronaut"][0].box) >= 0.3
+
+
 def test_batches_of_equal_size_give_the_faces_found_one_at_a_time(mtcnn, mtcnn_faces, photos):
     astro = photos["astronaut"]
     flipped = np.ascontiguousarray(astro[:, ::-1])

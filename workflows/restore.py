@@ -116,7 +116,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=ph.batch_size, num_cpus=1)
     detect_pool = (ray.data.ActorPoolStrategy(size=ph.detect_actors) if ph.detect_actors > 0 else
                    ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()["CPU"]) // 2)))
-    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(detector=ph.detector, align=align),
+    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(detector=ph.detector, align=align, storage_options=so),
                         batch_size=ph.batch_size, num_cpus=1, compute=detect_pool)
     stage_cls, stage_kwargs = (DynamicStage, dict(dynamic=cfg.dynamic)) if dynamic else (RestoreStage,
                                                                                        dict(dr2=cfg.dr2))
