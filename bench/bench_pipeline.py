@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from bench.common import HelpFormatter, cpu_name, dr2_setup, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import DR2Stage  # noqa: E402
+from tasks.dr2_stage import NETWORK_CLOCK, DR2Stage  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.listing import IMAGE_EXTENSIONS  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
@@ -438,7 +438,8 @@ def run_pipeline(argv: list[str], rows: list[tuple[str, str]], work: Path, name:
         shutil.rmtree(out, ignore_errors=True)
     return Run("pipeline", summary["ok"], summary["seconds"], summary["ok"] / summary["seconds"],
                memory=sampler.result, wall_s=wall, extra={"summary_images_per_s": summary["images_per_s"],
-                                                          "actor_busy": summary.get("actor_utilisation")})
+                                                          "actor_busy": summary.get("actor_utilisation"),
+                                                          "network_share": summary.get("network_share")})
 
 
 class ModelOnly:
@@ -474,28 +475,33 @@ class ModelOnly:
         sampler = MemorySampler(interval, metric, store, extra_roots)
         sampler.baseline()
         with sampler:
+            NETWORK_CLOCK.take()
             t0, c0 = time.perf_counter(), time.process_time()
             for x, ids, p in self.batches():
                 self.stage.restore(x, ids, p)  # returns numpy: CUDA work is finished when it returns
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            network = NETWORK_CLOCK.take()
         n = len(self.ids)
         # this process's CPU time (all its threads) less the memory sampler's
         return Run("model-only", n, dt, n / dt, memory=sampler.result,
-                   extra={"cpu_s": cpu - sampler.result.sampler_cpu_s})
+                   extra={"cpu_s": cpu - sampler.result.sampler_cpu_s, "network_share": network / dt})
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 def render_table(rows: list[Run]) -> str:
-    head = ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB", "store_MiB", "busy%"]
+    head = ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB", "store_MiB", "busy%", "net%"]
     body = []
+
+    def pct(r: Run, key: str) -> str:
+        return fmt(100 * r.extra[key] if r.extra.get(key) is not None else None, ".0f")
+
     for r in rows:
         m = r.memory
         body.append([r.mode, str(r.images), fmt(r.seconds, ".2f"), fmt(r.images_per_s, ".4f"), fmt(r.ratio, ".3f"),
                      fmt(m.mem_delta_mib if m and m.samples else None, ".0f"),
                      fmt(m.rss_delta_mib if m and m.samples else None, ".0f"),
-                     fmt(m.store_peak_mib if m else None, ".1f"),
-                     fmt(100 * r.extra["actor_busy"] if r.extra.get("actor_busy") is not None else None, ".0f")])
+                     fmt(m.store_peak_mib if m else None, ".1f"), pct(r, "actor_busy"), pct(r, "network_share")])
     return text_table(head, body)
 
 
@@ -504,7 +510,9 @@ seconds the 10N run took, i.e. without the fixed start-up and drain cost; model-
 batches); images; seconds (pipeline: drain time from _summary.json; model-only: the timed loop); images/s; ratio
 (images/s over model-only's); mem_MiB / rss_MiB (peak of the summed --mem-metric / RSS of this process and every
 Ray process, above the idle level just before the run); store_MiB (peak bytes in Ray's object store in the run);
-busy% (pipeline: the DR2 actors' time inside their stage over actors x drain time, from _summary.json).
+busy% (pipeline: the DR2 actors' time inside their stage over actors x drain time, from _summary.json);
+net% (time in UNet forwards over the stage time (pipeline) or the loop time (model-only): the rest is the
+sampler around the network, host transfers and conversions).
 With --repeats R > 1 the N-image rows are medians over R interleaved pipeline/model-only pairs."""
 
 
@@ -666,10 +674,13 @@ def _run(args: argparse.Namespace) -> dict:
     def median_run(group: list[Run]) -> Run:
         ips = statistics.median(r.images_per_s for r in group)
         first = group[0]
-        busy = [r.extra["actor_busy"] for r in group if r.extra.get("actor_busy") is not None]
+        extra = {}
+        for key in ("actor_busy", "network_share"):
+            vals = [r.extra[key] for r in group if r.extra.get(key) is not None]
+            if vals:
+                extra[key] = statistics.median(vals)
         return Run(first.mode, first.images, statistics.median(r.seconds for r in group), ips,
-                   memory=first.memory, repeat=-1 if len(group) > 1 else 0,
-                   extra={"actor_busy": statistics.median(busy)} if busy else {})
+                   memory=first.memory, repeat=-1 if len(group) > 1 else 0, extra=extra)
 
     model_row = median_run(pick("model-only", args.images))
     pipe_row = median_run(pick("pipeline", args.images))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +120,42 @@ def autocast_on(dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+class NetworkClock:
+    """Seconds this process spent in diffusion-network forwards, taken per stage call (pipeline.timed).
+
+    CUDA: pairs of timing events around each forward, read after the batch (its outputs are on the host
+    by then, so no extra synchronisation); CPU: wall time. Next to the stage's wall time this says how much
+    of an actor's time is the network and how much the sampler around it (noise, low-pass, transfers).
+    """
+
+    def __init__(self):
+        self.seconds, self.events = 0.0, []
+
+    @contextlib.contextmanager
+    def forward(self, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def take(self) -> float:
+        """Seconds since the last take, and reset."""
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        seconds, self.seconds, self.events = self.seconds, 0.0, []
+        return seconds
+
+
+NETWORK_CLOCK = NetworkClock()  # one per process: a Ray actor is a process
+
+
 class NetworkHost:
     """What every stage running a diffusion network shares: the actor's device and threads, the network
     placed for inference (eval, no grad; on CUDA channels_last and bf16/fp16 autocast per runtime; compiled
@@ -148,13 +185,14 @@ class NetworkHost:
         self.model = model
 
     def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and self.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if not self.fixed_batch:
-            with autocast_on(self.autocast):
-                return self.model(x, t)
-        return torch.cat([self._fixed_forward(x[s:s + self.fixed_batch], t[s:s + self.fixed_batch])
-                          for s in range(0, x.shape[0], self.fixed_batch)])
+        with NETWORK_CLOCK.forward(self.device):
+            if self.device.type == "cuda" and self.runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if not self.fixed_batch:
+                with autocast_on(self.autocast):
+                    return self.model(x, t)
+            return torch.cat([self._fixed_forward(x[s:s + self.fixed_batch], t[s:s + self.fixed_batch])
+                              for s in range(0, x.shape[0], self.fixed_batch)])
 
     def _fixed_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One compiled call on exactly fixed_batch rows in one memory layout: short inputs are padded with

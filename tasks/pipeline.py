@@ -28,6 +28,7 @@ from tasks.storage import redact
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+NETWORK_PREFIX = "network:"  # busy-column entries of diffusion-network time (the rest: stage wall time)
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,18 @@ def timed(stage_cls):
 
     class Timed(stage_cls):
         def __call__(self, batch):
+            from tasks.dr2_stage import NETWORK_CLOCK
+
+            NETWORK_CLOCK.take()  # drop anything before this call (start-up)
             t0 = time.perf_counter()
             out = super().__call__(batch)  # outputs are host arrays: device work has finished
             n = len(out["id"])
             per_row = (time.perf_counter() - t0) / max(n, 1)
-            tag = f"{stage_cls.__name__}@{socket.gethostname()}:{os.getpid()}={per_row!r}"
+            actor = f"{stage_cls.__name__}@{socket.gethostname()}:{os.getpid()}"
+            tag = f"{actor}={per_row!r}"
+            network = NETWORK_CLOCK.take()
+            if network:
+                tag += f";{NETWORK_PREFIX}{actor}={network / max(n, 1)!r}"
             prev = out.get(BUSY_COLUMN)
             out[BUSY_COLUMN] = np.array([tag if prev is None or not prev[k] else f"{prev[k]};{tag}" for k in range(n)],
                                         dtype=object)
@@ -182,12 +190,19 @@ class Summary:
     code_version: str = ""
     config_hash: str = ""
     busy: dict[str, float] = field(default_factory=dict)  # model actor -> seconds inside its stage
+    network: dict[str, float] = field(default_factory=dict)  # model actor -> seconds in diffusion-network forwards
     notes: list[str] = field(default_factory=list)
 
     @property
     def actor_utilisation(self) -> float:
         """Time the model actors spent inside their stage / (actors x wall time)."""
         return sum(self.busy.values()) / (len(self.busy) * self.seconds) if self.busy and self.seconds > 0 else 0.0
+
+    @property
+    def network_share(self) -> float:
+        """Diffusion-network forward time / the model actors' time inside their stage."""
+        total = sum(self.busy.values())
+        return sum(self.network.values()) / total if total > 0 else 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -197,6 +212,7 @@ class Summary:
         d = dataclasses.asdict(self)
         d["images_per_s"] = round(self.images_per_s, 4)
         d["actor_utilisation"] = round(self.actor_utilisation, 4)
+        d["network_share"] = round(self.network_share, 4)
         d["manifest"] = manifest_prefix(self.output)
         d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return d
@@ -213,6 +229,10 @@ class Summary:
             lines.append(f"  model actors: {len(self.busy)}, busy {100 * self.actor_utilisation:.0f}% of the run "
                          f"({sum(self.busy.values()):.1f} actor-s inside their stage; below ~90% they wait for "
                          "the CPU stages or start-up)")
+        if self.network and self.busy:
+            lines.append(f"  diffusion network: {100 * self.network_share:.0f}% of the actors' stage time "
+                         f"({sum(self.network.values()):.1f} s of forwards; the rest is the sampler around it, "
+                         "transfers and the enhancer)")
         lines += [f"  NOTE: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -226,7 +246,9 @@ def drain(ds, summary: Summary) -> Summary:
         summary.shards += len(batch["shard"])
         for stats in batch.get("busy", []):
             for actor, seconds in json.loads(stats).items():
-                summary.busy[actor] = summary.busy.get(actor, 0.0) + seconds
+                into = summary.network if actor.startswith(NETWORK_PREFIX) else summary.busy
+                actor = actor.removeprefix(NETWORK_PREFIX)
+                into[actor] = into.get(actor, 0.0) + seconds
     summary.seconds = time.perf_counter() - t0
     return summary
 

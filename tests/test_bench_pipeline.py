@@ -35,7 +35,7 @@ def test_bench_pipeline_tiny_cpu(ray_local, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["mode", "images"])
     assert lines[head].split() == ["mode", "images", "seconds", "images/s", "ratio", "mem_MiB", "rss_MiB",
-                                   "store_MiB", "busy%"]
+                                   "store_MiB", "busy%", "net%"]
     assert set(lines[head + 1].replace(" ", "")) == {"-"}
     rows = {}
     for line in lines[head + 2:]:
@@ -50,6 +50,7 @@ def test_bench_pipeline_tiny_cpu(ray_local, tmp_path, capsys):
     assert ratio > 0 and float(rows["model-only"][4]) == 1.0
     assert abs(ratio - float(rows["pipeline"][3]) / float(rows["model-only"][3])) < 0.01 * ratio + 1e-3
     assert 0 < float(rows["pipeline"][8]) <= 100 and rows["model-only"][8] == "-"  # the DR2 actors' busy share
+    assert all(0 < float(rows[m][9]) <= 100 for m in rows)  # the UNet's share of the stage / loop time
     assert any(line.startswith("ratio pipeline/model-only") for line in lines)
     assert any("torch threads: 1" in line for line in lines)  # cpus_per_actor 1 -> one thread, as the actor
 

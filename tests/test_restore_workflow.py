@@ -82,6 +82,10 @@ def test_restore_shared_and_separate_topologies(ray_local, tmp_path):
         summary = json.loads((tmp_path / topology / "_summary.json").read_text())
         assert {actor.split("@")[0] for actor in summary["busy"]} == stages
         assert all(s > 0 for s in summary["busy"].values()) and 0 < summary["actor_utilisation"] <= 1.0
+        # ... and how much of that was the diffusion network (DR2's UNet; the enhancer is not one)
+        assert {actor.split("@")[0] for actor in summary["network"]} == stages - {"EnhanceStage"}
+        assert all(0 < s < summary["busy"][a] for a, s in summary["network"].items())
+        assert 0 < summary["network_share"] < 1
     assert sorted(a.index) == sorted(ids) and a.loc["broken.png", "status"] == "error"
     assert (a["enhancer"] == "sparnethd").all() and (a.loc[a.status == "ok", "enhancer_weights"]
                                                      == "random-init:sparnethd").all()
@@ -109,8 +113,9 @@ def test_per_sample_settings_from_an_input_list(ray_local, tmp_path):
 def test_timed_stage_records_busy_time_per_actor_across_stages():
     import time
 
+    from tasks.dr2_stage import NETWORK_CLOCK
     from tasks.manifest import BUSY_COLUMN, busy_by_actor
-    from tasks.pipeline import timed
+    from tasks.pipeline import NETWORK_PREFIX, timed
 
     class Slow:
         def __init__(self, pause: float):
@@ -120,13 +125,24 @@ def test_timed_stage_records_busy_time_per_actor_across_stages():
             time.sleep(self.pause)
             return batch
 
-    first, second = timed(Slow)(0.2), timed(Slow)(0.1)
+    class WithNetwork(Slow):
+        def __call__(self, batch):
+            with NETWORK_CLOCK.forward(torch.device("cpu")):
+                time.sleep(self.pause / 2)
+            return super().__call__(batch)
+
+    first, second, third = timed(Slow)(0.2), timed(Slow)(0.1), timed(WithNetwork)(0.2)
     assert type(first).__name__ == "Slow"  # Ray Data names the operator after the class
     out = second(first({"id": np.array(["a", "b"])}))
     assert all(v.count(";") == 1 for v in out[BUSY_COLUMN])  # both stages on every row
     busy = busy_by_actor(out[BUSY_COLUMN])
     assert len(busy) == 1  # same process: one actor id (Slow@host:pid), both calls summed
     assert 0.3 <= sum(busy.values()) < 0.6
+    # a stage that runs a network also records its forward time, under "network:<actor>"
+    busy = busy_by_actor(third({"id": np.array(["a", "b"])})[BUSY_COLUMN])
+    (actor, stage), (net_actor, network) = sorted(busy.items(), key=lambda kv: kv[0].startswith(NETWORK_PREFIX))
+    assert net_actor == NETWORK_PREFIX + actor and actor.startswith("WithNetwork@")
+    assert 0.29 <= stage < 0.45 and 0.09 <= network < 0.2
 
 
 def test_enhancer_result_does_not_depend_on_its_batch_on_cpu():
