@@ -35,11 +35,10 @@ from bench.common import check_size, cpu_name, fmt, kept_state, load_average, te
 from models.diffusion import dr2_schedule  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls, dr2_sample  # noqa: E402
 from models.noise import SeededNoise, sample_seed  # noqa: E402
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
+from tasks.dr2_stage import HALF, PRECISIONS, DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
 
 FFHQ256_GFLOP = 387.9  # per forward at 1x3x256x256 (/work/shared/REFERENCE.md)
 H100_BF16_DENSE_TFLOPS = 989.0
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "Default: 1,2,4,8,16,32,64 on CUDA, 1,2,4,8 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="UNet precision: bf16/fp16 run under torch.autocast (CUDA as in production; on CPU a "
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="UNet precision (runtime.precision): bf16/fp16 run under torch.autocast, *-weights cast "
+                        "the network to half (CUDA as in production; on CPU a "
                         "benchmark-only extra); the sampler arithmetic stays fp32")
     p.add_argument("--channels-last", action="store_true",
                    help="channels_last weights and UNet inputs (production default on CUDA)")
@@ -172,14 +172,19 @@ class Network:
             # Production runs CPU in fp32 with contiguous tensors: apply the same wrapping here.
             if v.channels_last:
                 self.eager.to(memory_format=torch.channels_last)
-            dtype, inner = AUTOCAST[v.precision], self.stage._network
+            half, inner = HALF.get(v.precision.removesuffix("-weights")), self.stage._network
+            weights = v.precision.endswith("-weights")
+            if weights:
+                self.eager.to(half)
 
             def cpu_network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if v.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                if dtype is None:
+                if half is None:
                     return inner(x, t)
-                with torch.autocast("cpu", dtype=dtype):
+                if weights:
+                    return inner(x.to(half), t)
+                with torch.autocast("cpu", dtype=half):
                     return inner(x, t)
 
             self.fn = cpu_network
@@ -195,7 +200,8 @@ def count_flops(arch: str, size: int, device: torch.device, model: torch.nn.Modu
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size, device=device), torch.tensor([500], device=device))
+        dtype = next(model.parameters()).dtype  # half with *-weights
+        model(torch.zeros(1, 3, size, size, device=device, dtype=dtype), torch.tensor([500], device=device))
     return float(counter.get_total_flops())
 
 

@@ -35,7 +35,7 @@ from models.diffusion import dr2_schedule, respaced_linear_schedule  # noqa: E40
 from models.dr2 import DR2Params, dr2_model_calls, dr2_sample  # noqa: E402
 from models.dynamic import DynParams, SpectralBlurEstimator, dynamic_model_calls, dynamic_sample  # noqa: E402
 from models.noise import SeededNoise, sample_seed  # noqa: E402
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
+from tasks.dr2_stage import PRECISIONS, DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--eta", type=float, default=0.2)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast on CUDA")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="runtime.precision on CUDA")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: shared cores make 2 threads contend); 0 = torch's default")
     p.add_argument("--warmup", type=int, default=1)

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from bench.common import HelpFormatter, cpu_name, dr2_setup, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import NETWORK_CLOCK, DR2Stage  # noqa: E402
+from tasks.dr2_stage import NETWORK_CLOCK, PRECISIONS, DR2Stage  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.listing import IMAGE_EXTENSIONS  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
@@ -525,7 +525,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="--runtime.device; auto = cuda when visible")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per DR2 call (--runtime.batch-size); default 16 on CUDA, 4 on CPU")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+    g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="--runtime.precision (CUDA only; CPU runs fp32)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0,
                    help="--runtime.cpus-per-actor: Ray CPUs of the DR2 actor, and its torch threads on CPU")

@@ -64,6 +64,7 @@ from bench.common import (  # noqa: E402
 )
 from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
+from tasks.dr2_stage import PRECISIONS  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
 from tasks.manifest import SUMMARY_FILE  # noqa: E402
@@ -203,7 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="--runtime.device; auto = cuda when visible")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per actor call (--runtime.batch-size); default 16 on CUDA, 4 on CPU")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+    g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="--runtime.precision (CUDA only; CPU runs fp32)")
     g.add_argument("--num-actors", type=int, default=0,
                    help="--runtime.num-actors: actors per pool (separate has two pools); 0 = one per GPU, 1 on CPU")

@@ -46,12 +46,16 @@ class DR2Config:
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights", "fp16-weights")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = opt("auto", "where the DR2 actors run: auto (cuda if the actor has a GPU), cuda or cpu")
-    precision: str = opt("bf16", "network precision on CUDA: bf16 or fp16 autocast, or fp32 (CPU: fp32)")
+    precision: str = opt("bf16", "network precision on CUDA: bf16 or fp16 (autocast: fp32 weights, matmuls and "
+                                 "convolutions in half), bf16-weights or fp16-weights (weights and activations "
+                                 "in half, GroupNorm still fp32), or fp32. CPU always runs fp32")
     channels_last: bool = opt(True, "channels_last memory format on CUDA (faster convolutions)")
     compile: str = opt("off", "torch.compile the network: off, default, reduce-overhead (also CUDA graphs of the "
                               "forward) or max-autotune. Each actor compiles once, on its first batch (minutes for the "
@@ -66,8 +70,8 @@ class RuntimeConfig:
                                             "DR2 call that finds it absent creates it and kills its own process")
 
     def __post_init__(self):  # checked where the config is built: the driver, before any actor starts
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"runtime.precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"runtime.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"runtime.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
 
@@ -115,6 +119,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def half_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype | None:
+    """The actor's half dtype (None: fp32, and always on CPU). Enhancers run under autocast to it in
+    either precision mode (autocast or half weights)."""
+    return HALF.get(runtime.precision.removesuffix("-weights")) if device.type == "cuda" else None
+
+
 def autocast_on(dtype: torch.dtype | None):
     """CUDA autocast to dtype, or nothing (fp32, CPU)."""
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -139,17 +149,28 @@ class NetworkClock:
             yield
             end.record()
             self.events.append((start, end))
+            if len(self.events) > 64:  # nobody taking (a bench loop): fold the finished ones, never wait
+                self._fold(wait=False)
         else:
             t0 = time.perf_counter()
             yield
             self.seconds += time.perf_counter() - t0
 
+    def _fold(self, wait: bool) -> None:
+        if wait and self.events:
+            self.events[-1][1].synchronize()
+        done = 0
+        for start, end in self.events:
+            if not end.query():
+                break
+            self.seconds += start.elapsed_time(end) / 1e3
+            done += 1
+        del self.events[:done]
+
     def take(self) -> float:
         """Seconds since the last take, and reset."""
-        if self.events:
-            self.events[-1][1].synchronize()
-            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1e3
-        seconds, self.seconds, self.events = self.seconds, 0.0, []
+        self._fold(wait=True)
+        seconds, self.seconds = self.seconds, 0.0
         return seconds
 
 
@@ -169,12 +190,17 @@ class NetworkHost:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, runtime.torch_threads or int(runtime.cpus_per_actor)))
         model = model.eval().requires_grad_(False).to(self.device)
-        self.autocast = None
+        self.autocast = self.weight_dtype = None
+        self.channels_last = self.device.type == "cuda" and runtime.channels_last
+        self.half = half_dtype(runtime, self.device)
         if self.device.type == "cuda":
-            if runtime.channels_last:
+            if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            if runtime.precision in ("bf16", "fp16"):
-                self.autocast = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
+            half = self.half
+            if runtime.precision.endswith("-weights"):
+                model, self.weight_dtype = model.to(half), half
+            else:
+                self.autocast = half
         # A compiled graph is specialised to its batch size (dynamic=False: static shapes are what CUDA
         # graphs and the fastest kernels need), so calls are padded to one fixed size instead.
         self.fixed_batch = 0
@@ -186,13 +212,20 @@ class NetworkHost:
 
     def _network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with NETWORK_CLOCK.forward(self.device):
-            if self.device.type == "cuda" and self.runtime.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             if not self.fixed_batch:
-                with autocast_on(self.autocast):
-                    return self.model(x, t)
+                return self._call(x, t)
             return torch.cat([self._fixed_forward(x[s:s + self.fixed_batch], t[s:s + self.fixed_batch])
                               for s in range(0, x.shape[0], self.fixed_batch)])
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model on x in the runtime's layout, dtype and autocast (the output may be half: callers
+        take .float())."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.weight_dtype is not None:
+            x = x.to(self.weight_dtype)
+        with autocast_on(self.autocast):
+            return self.model(x, t)
 
     def _fixed_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One compiled call on exactly fixed_batch rows in one memory layout: short inputs are padded with
@@ -201,11 +234,9 @@ class NetworkHost:
         if pad:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
             t = torch.cat([t, t[-1:].expand(pad)])
-        # strides are part of the graph's guards, and inputs arrive in either layout
-        channels_last = self.device.type == "cuda" and self.runtime.channels_last
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        with autocast_on(self.autocast):
-            out = self.model(x, t)
+        if not self.channels_last:
+            x = x.contiguous()  # strides are part of the graph's guards, and inputs arrive in either layout
+        out = self._call(x, t)
         # CUDA graphs reuse their output buffer at the next replay: the caller gets its own copy
         return out[:n].clone() if self.runtime.compile == "reduce-overhead" else out[:n]
 

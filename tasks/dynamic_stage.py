@@ -204,7 +204,7 @@ class DynamicStage(NetworkHost):
         return x0, params, info
 
     def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
-        with autocast_on(self.autocast):
+        with autocast_on(self.half):
             return enhance(self.enhancer, x0, self.size_out)
 
     @torch.inference_mode()

@@ -20,6 +20,7 @@ from tasks.dr2_stage import (
     DR2Stage,
     RuntimeConfig,
     autocast_on,
+    half_dtype,
     resolve_device,
     to_model_range,
     to_uint8,
@@ -68,7 +69,7 @@ class RestoreStage:
         self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.dr2.device, storage_options)
 
     def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
-        with autocast_on(self.dr2.autocast):
+        with autocast_on(self.dr2.half):
             return enhance(self.enhancer, x0, self.size)
 
     @torch.inference_mode()
@@ -93,6 +94,7 @@ class EnhanceStage:
 
     def __init__(self, enhancer: EnhancerConfig, runtime: RuntimeConfig, storage_options: dict | None = None):
         self.device = resolve_device(runtime.device)
+        self.half = half_dtype(runtime, self.device)  # as the shared topology's enhancer
         self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.device, storage_options)
 
     @torch.inference_mode()
@@ -103,7 +105,8 @@ class EnhanceStage:
         restored = np.zeros((n, out_size, out_size, 3), np.uint8)
         if len(ok):
             x0 = to_model_range(batch["dr2"][ok], self.device)
-            restored[ok] = to_uint8(enhance(self.enhancer, x0, self.size))
+            with autocast_on(self.half):
+                restored[ok] = to_uint8(enhance(self.enhancer, x0, self.size))
         batch["restored"] = restored
         batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
         return batch
