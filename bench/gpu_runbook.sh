@@ -3,7 +3,9 @@
 #
 # Runs on the GPU machine with its own python3 (torch is there; nothing can be installed from a registry).
 # Ray is carried as wheels: run scripts/device_wheels.sh here first, then for each part a device `run` with
-# carry [".whl"] and the command `bash bench/gpu_runbook.sh PART`. Everything lands in $OUT (fetched back).
+# carry [".whl"] and the command `bash bench/gpu_runbook.sh PART`. A device call brings back at most 8 files,
+# so each part leaves two in $OUT: PART.log (the tables) and PART.tar.gz (every output, text and JSON);
+# `python bench/gpu_report.py DIR...` turns the unpacked JSON into the README's tables.
 #
 #   sampler   tests/test_cuda.py (bf16, CUDA graphs, batch independence on a GPU), then bench_dr2 lever by
 #             lever: reference (b1 fp32 eager), fp32 batched, bf16 autocast, + channels_last, fp16 + channels_last,
@@ -17,26 +19,33 @@ cd "$(dirname "$0")/.."
 PART=${1:?usage: bench/gpu_runbook.sh sampler|compile|pipeline|smoke}
 OUT=${OUT:-out/gpu}
 PY=${PY:-python3}
+WORK=$(mktemp -d)  # the part's outputs, packed into $OUT at the end
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$PART" = smoke ]; then
     PY=${PY_SMOKE:-scripts/env.sh python}
     DEV=(--device cpu --arch tiny --size 64)
-    BS_LADDER=1,2 BS_BIG=2 IMAGES=4 CPUS=2
+    BS_LADDER=1,2 BS_SHORT=1,2 BS_FP32=1,2 BS_BIG=2 IMAGES=4 CPUS=2
 else
     DEV=(--device cuda)
-    BS_LADDER=1,8,16,32,64,128 BS_BIG=64 IMAGES=${IMAGES:-512} CPUS=${CPUS:-16}
+    # the full ladder for the production configuration, fewer points for the others (a call has 10 minutes)
+    BS_LADDER=1,8,16,32,64,128 BS_SHORT=1,32,128 BS_FP32=1,8,32 BS_BIG=64 IMAGES=${IMAGES:-512} CPUS=${CPUS:-16}
 fi
 
-log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$OUT/runbook.log"; }
-run() {  # run NAME CMD...: output to $OUT/NAME.txt, the table's tail to the log
+log() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$WORK/$PART.log"; }
+run() {  # run NAME CMD...: output to NAME.txt, the table's tail to the log
     local name=$1; shift
     log "$name: $*"
-    "$@" >"$OUT/$name.txt" 2>&1
+    "$@" >"$WORK/$name.txt" 2>&1
     local rc=$?
-    tail -n 14 "$OUT/$name.txt" | tee -a "$OUT/runbook.log"
+    tail -n 14 "$WORK/$name.txt" | tee -a "$WORK/$PART.log"
     [ $rc -eq 0 ] || { log "$name FAILED (exit $rc)"; FAILED=$((FAILED + 1)); }
+    pack
+}
+pack() {  # after every step, so a call cut off at its time limit still brings back what was measured
+    cp "$WORK/$PART.log" "$OUT/$PART.log"
+    tar -czf "$OUT/$PART.tar.gz" -C "$WORK" .
 }
 FAILED=0
 with_ray() {
@@ -50,37 +59,39 @@ with_ray() {
 case $PART in
 sampler | smoke)
     { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } \
-        >"$OUT/device.txt" 2>&1 || true
+        >"$WORK/device.txt" 2>&1 || true
     run cuda_tests $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py  # skipped without a GPU
     D="$PY bench/bench_dr2.py ${DEV[*]} --repeats 3 --warmup 1"
-    run dr2_fp32 $D --precision fp32 --with-reference-baseline --batch-sizes $BS_LADDER --json "$OUT/dr2_fp32.json"
-    run dr2_bf16 $D --precision bf16 --batch-sizes $BS_LADDER --json "$OUT/dr2_bf16.json"
     run dr2_bf16_cl $D --precision bf16 --channels-last --with-reference-baseline --batch-sizes $BS_LADDER \
-        --json "$OUT/dr2_bf16_cl.json"
-    run dr2_fp16_cl $D --precision fp16 --channels-last --batch-sizes $BS_LADDER --json "$OUT/dr2_fp16_cl.json"
-    run dr2_bf16w_cl $D --precision bf16-weights --channels-last --batch-sizes $BS_LADDER \
-        --json "$OUT/dr2_bf16w_cl.json"
-    run dr2_fp16w_cl $D --precision fp16-weights --channels-last --batch-sizes $BS_LADDER \
-        --json "$OUT/dr2_fp16w_cl.json"
+        --json "$WORK/dr2_bf16_cl.json"
+    run dr2_fp32 $D --precision fp32 --with-reference-baseline --batch-sizes $BS_FP32 --json "$WORK/dr2_fp32.json"
+    run dr2_bf16 $D --precision bf16 --batch-sizes $BS_SHORT --json "$WORK/dr2_bf16.json"
+    run dr2_fp16_cl $D --precision fp16 --channels-last --batch-sizes $BS_SHORT --json "$WORK/dr2_fp16_cl.json"
+    run dr2_bf16w_cl $D --precision bf16-weights --channels-last --batch-sizes $BS_SHORT \
+        --json "$WORK/dr2_bf16w_cl.json"
+    run dr2_fp16w_cl $D --precision fp16-weights --channels-last --batch-sizes $BS_SHORT \
+        --json "$WORK/dr2_fp16w_cl.json"
     ;;&
 compile | smoke)
     D="$PY bench/bench_dr2.py ${DEV[*]} --repeats 3 --warmup 2 --precision bf16 --channels-last"
-    run dr2_compile $D --compile --with-reference-baseline --batch-sizes $BS_BIG --json "$OUT/dr2_compile.json"
+    run dr2_compile $D --compile --with-reference-baseline --batch-sizes $BS_BIG --json "$WORK/dr2_compile.json"
     run dr2_cudagraphs $D --compile --compile-mode reduce-overhead --batch-sizes $BS_BIG \
-        --json "$OUT/dr2_cudagraphs.json"
+        --json "$WORK/dr2_cudagraphs.json"
     ;;&
 pipeline | smoke)
     with_ray
     P="$PY bench/bench_pipeline.py ${DEV[*]} --images $IMAGES --batch-size $BS_BIG --num-cpus $CPUS --repeats 1"
-    run pipeline_1actor $P --json "$OUT/pipeline_1actor.json"
+    run pipeline_1actor $P --json "$WORK/pipeline_1actor.json"
     run pipeline_2actors $P --pipeline-args "--runtime.num-actors 2 --runtime.gpus-per-actor 0.5" \
-        --json "$OUT/pipeline_2actors.json"
+        --json "$WORK/pipeline_2actors.json"
     R="$PY bench/bench_restore.py ${DEV[*]} --images $((IMAGES / 2)) --batch-size $((BS_BIG / 2)) --num-cpus $CPUS"
     [ "$PART" = smoke ] && R="$R --enhancer-size 64 --enhancer-kwargs {\"min_ch\":8,\"max_ch\":16,\"size\":64,\"min_feat_size\":16,\"res_depth\":1}"
-    run restore_topologies $R --json "$OUT/restore_topologies.json"
+    run restore_topologies $R --json "$WORK/restore_topologies.json"
     ;;
 sampler | compile) ;;
 *) echo "unknown part $PART" >&2; exit 2 ;;
 esac
 log "done: $PART, $FAILED failed"
+pack
+rm -rf "$WORK"
 [ $FAILED -eq 0 ]
