@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_dr2.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dr2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from bench import bench_dr2
 
 
 def test_bench_tiny_cpu(tmp_path, capsys):
-    bench = _load_bench()
     threads = torch.get_num_threads()
     out_json = tmp_path / "bench.json"
     # One thread: the smoke test stays fast even when other processes share the cores.
-    result = bench.main(["--device", "cpu", "--arch", "tiny", "--size", "32", "--batch-sizes", "1,2",
+    result = bench_dr2.main(["--device", "cpu", "--arch", "tiny", "--size", "32", "--batch-sizes", "1,2",
                          "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out_json)])
     assert torch.get_num_threads() == threads  # main() restores the process state
 

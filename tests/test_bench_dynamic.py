@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_dynamic.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dynamic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench import bench_dynamic
 
 
 def test_bench_dynamic_rows_ratios_and_json(tmp_path, capsys):
-    bench = _load_bench()
     threads = torch.get_num_threads()
     full, only = tmp_path / "full.json", tmp_path / "only.json"
     # N=2, tau=5: omega 15, 11 forwards per image, at 32x32: seconds on CPU
     common = ["--arch", "tiny", "--size", "32", "--batch-size", "2", "--N", "2", "--tau", "5", "--warmup", "0",
               "--repeats", "1", "--device", "cpu"]
-    assert bench.main(common + ["--json", str(full)]) == 0
-    assert bench.main(common + ["--sampler-only", "--json", str(only)]) == 0
+    assert bench_dynamic.main(common + ["--json", str(full)]) == 0
+    assert bench_dynamic.main(common + ["--sampler-only", "--json", str(only)]) == 0
     torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| configuration | images/s | ms/forward | x dr2 |" in out

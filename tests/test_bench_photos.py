@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import torch
 
+from bench import bench_photos
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "bench_photos.py"
 STAGES = ["detection", "plan+align", "restoration", "paste-back", "detect+align+paste", "total"]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_photos", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def _markdown_rows(lines: list[str], first: str) -> tuple[list[str], list[list[str]]]:
@@ -39,12 +30,11 @@ def _markdown_rows(lines: list[str], first: str) -> tuple[list[str], list[list[s
 
 
 def test_bench_photos_tiny_cpu(tmp_path, capsys):
-    bench = _load_bench()
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     out_json = tmp_path / "bench.json"
     photo = ROOT / "data" / "photos" / "Blake_Lively.jpg"
     # 11 UNet forwards per face at 32x32, bicubic to 64: a few seconds for the 3 faces of the two photos.
-    result = bench.main(["--input", f"{photo},astronaut", "--arch", "tiny", "--size", "32", "--N", "2",
+    result = bench_photos.main(["--input", f"{photo},astronaut", "--arch", "tiny", "--size", "32", "--N", "2",
                          "--tau", "5", "--batch-size", "2", "--threads", "1", "--json", str(out_json)])
     assert torch.get_num_threads() == threads and cv2.getNumThreads() == cv_threads  # process state restored
 

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_pipeline.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+from bench import bench_pipeline
 
 
 def test_bench_pipeline_tiny_cpu(ray_local, tmp_path, capsys):
-    bench = _load_bench()
     threads = torch.get_num_threads()
     out_json = tmp_path / "bench.json"
     # 11 UNet forwards per image at 32x32; no warm-up run and no 10N run: the smoke test stays short.
-    result = bench.main(["--images", "4", "--size", "32", "--arch", "tiny", "--N", "2", "--tau", "5",
+    result = bench_pipeline.main(["--images", "4", "--size", "32", "--arch", "tiny", "--N", "2", "--tau", "5",
                          "--batch-size", "2", "--face-size", "64", "--device", "cpu", "--warmup-images", "0",
                          "--workdir", str(tmp_path), "--json", str(out_json)])
     assert ray_local.is_initialized()  # the shared Ray is left running

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_restore.py"
+from bench import bench_restore
+
 TINY_SPAR = {"min_ch": 8, "max_ch": 16, "size": 64, "min_feat_size": 16, "res_depth": 1}
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_restore", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_restore_tiny_cpu(ray_local, tmp_path, capsys):
-    bench = _load_bench()
     threads = torch.get_num_threads()
     out_json = tmp_path / "bench.json"
     # 11 UNet forwards per image at 32x32, a tiny SPARNetHD at 64x64; no warm-up run: the smoke test stays short.
-    result = bench.main(["--images", "4", "--size", "32", "--arch", "tiny", "--N", "2", "--tau", "5",
+    result = bench_restore.main(["--images", "4", "--size", "32", "--arch", "tiny", "--N", "2", "--tau", "5",
                          "--batch-size", "2", "--face-size", "64", "--device", "cpu", "--enhancer-size", "64",
                          "--enhancer-kwargs", json.dumps(TINY_SPAR), "--warmup-images", "0",
                          "--workdir", str(tmp_path), "--json", str(out_json)])

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tarfile
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_report.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench import gpu_report
 
 
 def _dr2(rows, arch="ffhq256", size=256):
@@ -44,9 +34,8 @@ def _write(folder: Path, best: float, arch="ffhq256") -> None:
 
 
 def test_tables_targets_and_plot(tmp_path, capsys):
-    report = _load()
     _write(tmp_path / "a", best=50.0)
-    out = report.main([str(tmp_path / "a"), "--plot", str(tmp_path / "p.png")])
+    out = gpu_report.main([str(tmp_path / "a"), "--plot", str(tmp_path / "p.png")])
     assert "device: 2.11.0 NVIDIA H100 80GB HBM3" in out
     assert "| reference (fp32 eager b1) | 2.2 |  |  |" in out  # one reference row: the fastest of the runs
     assert "| bf16 channels_last eager | 5.0 |  | 50.0 |" in out  # images/s by batch (b1, b8, b64)
@@ -59,11 +48,10 @@ def test_tables_targets_and_plot(tmp_path, capsys):
 
 
 def test_misses_are_said_and_tarballs_are_read(tmp_path):
-    report = _load()
     _write(tmp_path / "b", best=30.0)
     with tarfile.open(tmp_path / "sampler.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "b", arcname=".")
-    out = report.main([str(tmp_path / "sampler.tar.gz")])
+    out = gpu_report.main([str(tmp_path / "sampler.tar.gz")])
     assert "MISSES the 45 images/s target" in out and "13.6x" in out and "MISSES the 20x target" in out
     _write(tmp_path / "tiny", best=30.0, arch="tiny")
-    assert "targets: not applicable" in report.main([str(tmp_path / "tiny")])
+    assert "targets: not applicable" in gpu_report.main([str(tmp_path / "tiny")])

@@ -528,14 +528,10 @@ def test_suite_unavailable_and_ragged_batches(tmp_path, monkeypatch):
 
 
 def test_bench_metrics_smoke(tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "bench_metrics.py"
-    spec = importlib.util.spec_from_file_location("bench_metrics", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import bench_metrics as bench
+
     threads = torch.get_num_threads()
     result = bench.main(["--sizes", "24", "--batch", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
                          "--metrics", "psnr_y,ssim_rgb", "--json", str(tmp_path / "b.json")])
