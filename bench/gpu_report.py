@@ -22,31 +22,32 @@ TARGET_VS_REFERENCE = 20.0
 
 
 def load(paths: Sequence[str]) -> tuple[dict[str, dict], dict[str, str]]:
-    """{json name: content}, {text name: content} from tarballs and folders."""
-    data, text = {}, {}
+    """{json name: content}, {text name: content} from tarballs and folders (folders may hold tarballs)."""
+    data: dict[str, dict] = {}
+    text: dict[str, str] = {}
+
+    def add(name: str, body: str) -> None:
+        stem, _, ext = name.rpartition(".")
+        if ext == "json":
+            data[stem] = json.loads(body)
+        elif ext == "txt":
+            text[stem] = body
+
     for p in map(Path, paths):
-        if p.is_file() and p.name.endswith(".tar.gz"):
-            with tarfile.open(p) as tar:
-                for m in tar.getmembers():
-                    name = Path(m.name).name
-                    if m.isfile() and name.endswith((".json", ".txt")):
-                        body = tar.extractfile(m).read().decode()
-                        (data if name.endswith(".json") else text)[name[:-5] if name.endswith(".json")
-                                                                  else name[:-4]] = (
-                            json.loads(body) if name.endswith(".json") else body)
-        elif p.is_dir():
-            found = [q for q in p.iterdir() if q.suffix in (".json", ".txt") or q.name.endswith(".tar.gz")]
-            for q in found:
-                if q.name.endswith(".tar.gz"):
-                    d, t = load([str(q)])
-                    data.update(d)
-                    text.update(t)
-                elif q.suffix == ".json":
-                    data[q.stem] = json.loads(q.read_text())
-                else:
-                    text[q.stem] = q.read_text()
+        if p.is_dir():
+            files = sorted(p.iterdir())
+        elif p.name.endswith(".tar.gz"):
+            files = [p]
         else:
             raise SystemExit(f"{p}: not a folder or a .tar.gz")
+        for f in files:
+            if f.name.endswith(".tar.gz"):
+                with tarfile.open(f) as tar:
+                    for m in tar.getmembers():
+                        if m.isfile():
+                            add(Path(m.name).name, tar.extractfile(m).read().decode())
+            elif f.is_file():
+                add(f.name, f.read_text())
     return data, text
 
 

@@ -317,17 +317,15 @@ class GuidanceSolver:
             want = (len(rows), *self.guides.shape[2:])
             raise ValueError(f"x0 must be (len(rows), C, H, W) = {want}, got {tuple(x0.shape)}")
         gam = _table(gamma, len(rows), self.G, "gamma")
-        groups: dict[int, list[int]] = {}
+        by_pad: dict[int, list[int]] = {}
         for k, b in enumerate(rows):
             act = [s for s, g in zip(self.sig[b], gam[k]) if g > 0]
             if act:
                 p = 0 if self.mode == "circular" else max(kernel_radius(s) for s in act)
-                groups.setdefault(p, []).append(k)
-        if self.rowwise:
-            groups = {(p, k): [k] for p, ks in groups.items() for k in ks}
+                by_pad.setdefault(p, []).append(k)
+        groups = [(p, [k]) for p, ks in by_pad.items() for k in ks] if self.rowwise else list(by_pad.items())
         out = x0.clone()
-        for key, ks in groups.items():
-            p = key[0] if isinstance(key, tuple) else key
+        for p, ks in groups:
             whole = len(ks) == len(rows)
             xs = x0 if whole else x0.index_select(0, torch.tensor(ks, device=x0.device))
             fy, otf = self._spectra(p, [rows[k] for k in ks])

@@ -8,6 +8,18 @@ from tests.s3server import s3_server  # noqa: F401  (session-scoped S3 server on
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a busy 2-core machine, 2 threads contend and many-small-op
+    networks (MTCNN, tiny UNets, metric nets) run several times slower. Use via pytestmark."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
 def ray_local(s3_server):  # noqa: F811  (the fixture imported above)
     """A real local Ray for one test module; workers get the S3 test server's credentials via env vars."""
     import ray

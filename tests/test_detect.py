@@ -16,6 +16,8 @@ from tasks.detect import (
     build_detector,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 skimage_data = pytest.importorskip("skimage.data")
 
 
@@ -24,17 +26,6 @@ def grace_hopper() -> np.ndarray:
 
     path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """MTCNN runs many small ops: on a busy 2-core machine, 2 OpenMP threads are ~10x slower than 1."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from tasks.manifest import read_manifest
 from tests.helpers import randomize_parameters, tiny_unet
 from tests.vectors import VECTORS, config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 DDIM250 = respaced_linear_schedule(1000, "ddim250")
@@ -46,15 +48,6 @@ class Counting:
         self.rows.append(x.shape[0])
         self.timesteps.append(t.tolist())
         return self.model(x, t)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other test sessions: 2 torch threads contend (a tiny forward goes 0.05 s -> 2.5 s).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

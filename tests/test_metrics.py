@@ -13,16 +13,8 @@ from tasks import metrics as M
 from tasks.weights import RANDOM_INIT, WeightsError
 
 # lpips builds its trunk with torchvision's deprecated `pretrained=` argument
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torchvision.models._utils")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads made the network tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:torchvision.models._utils"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _pairs(seed=0, n=3, h=37, w=45):
