@@ -72,7 +72,7 @@ def dr2_sample(
     for p in params:
         if p.N > 1 and y.shape[-1] % p.N:
             raise ValueError(f"image size {y.shape[-1]} is not divisible by N={p.N}")
-    y = y.float()
+    y = y.float().contiguous()  # one layout for every batch: CPU kernels round differently per layout
     # N = 1: every refinement overwrites x with q_sample(y, i-1), so only the call at tau matters; start
     # there from the same draw the full loop would have used, ("qy", tau).
     start = [p.tau if p.N == 1 else p.omega for p in params]

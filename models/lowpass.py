@@ -107,6 +107,10 @@ def _apply(x: torch.Tensor, factor: int, dtype: torch.dtype) -> torch.Tensor:
     if factor == 1:
         return x.clone()
     a, at = _device_matrices(x.shape[-1], factor, x.device, dtype)
+    if x.device.type == "cpu" and x.shape[0] > 1:
+        # CPU GEMM kernels round differently with the folded batch size (x @ at is one (B*C*n, n) product), so a
+        # sample's low-pass would depend on how many batch mates share its factor: one sample at a time.
+        return torch.cat([_apply(x[b:b + 1], factor, dtype) for b in range(x.shape[0])])
     return torch.matmul(torch.matmul(a, x.to(dtype)), at).to(x.dtype)
 
 

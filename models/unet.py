@@ -397,11 +397,12 @@ class UNetModel(nn.Module):
             t = t.expand(x.shape[0])
         elif t.shape != (x.shape[0],):
             raise ValueError(f"timesteps must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        if self.batch_invariant_cpu and x.device.type == "cpu" and x.shape[0] > 1:
+        if self.batch_invariant_cpu and x.device.type == "cpu":
             # oneDNN conv (some shapes), channels_last GroupNorm and B=1 Linear (gemv) change their
-            # reduction order with the batch size on CPU. Running samples one at a time makes each result
-            # bit-identical whatever the batch, and costs nothing here: batching does not speed up CPU.
-            return torch.cat([self._forward(x[i : i + 1], t[i : i + 1]) for i in range(x.shape[0])])
+            # reduction order with the batch size and the memory layout on CPU. One contiguous sample at a
+            # time makes each result bit-identical whatever its batch (or the layout that batch arrived in),
+            # and costs nothing here: batching does not speed up CPU.
+            return torch.cat([self._forward(x[i : i + 1].contiguous(), t[i : i + 1]) for i in range(x.shape[0])])
         return self._forward(x, t)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,22 @@ def test_compiled_network_is_one_fixed_shape_graph_with_eager_results(stage, mon
     with pytest.raises(ValueError, match="runtime.compile must be one of off, default"):
         RuntimeConfig(compile="fast")
     torch._dynamo.reset()
+
+
+def test_a_sample_does_not_depend_on_the_n_tau_of_its_batch_mates(stage):
+    """Mixed (N, tau) batch mates: each sample's float x0-hat equals its run alone, bit for bit.
+
+    The face arrives channels_last-strided from uint8 NHWC, and alone it went through the network in that
+    layout while in a batch it was gathered into a contiguous tensor: CPU kernels round the two differently.
+    """
+    from models.dr2 import DR2Params
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    ids = [f"mix/{k}.png" for k in range(6)]
+    params = [DR2Params.of(n, t) for n, t in [(4, 10), (2, 12), (8, 11), (4, 13), (16, 9), (2, 10)]]
+    with torch.inference_mode():
+        together = stage.restore_float(images, ids, params)
+        for k in range(6):
+            alone = stage.restore_float(images[k:k + 1], ids[k:k + 1], params[k:k + 1])
+            assert torch.equal(alone[0], together[k]), f"sample {k} changed with its batch mates"
