@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_CODE = ("workflows", "tasks", "models")
 # Loaded by name rather than imported: fsspec imports s3fs for s3:// URLs.
 LOADED_BY_NAME = {"s3fs": "fsspec's s3:// backend"}
-# Files of requirements-nodeps.txt packages that nothing imports (checked below), with their own needs.
+# Files of requirements-nodeps.txt packages that the package itself never imports (checked below): why skipped.
 NODEPS_UNUSED = {"facenet_pytorch/models/utils/tensorflow2pytorch.py": "weight conversion script (tensorflow)"}
 
 
