@@ -67,6 +67,10 @@ from models.noise import NoiseSource
 
 # The network: x (B,C,H,W) and ORIGINAL integer timesteps (B,) -> (B, 2C, H, W) = [eps, v] (or (B, C) eps).
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+# A per-step guidance scale map: (guides (B,G,C,H,W), clipped x0-hat (B,C,H,W), original t (B,)) -> (B,1,H,W).
+StepScaleMap = Callable[[Tensor, Tensor, Tensor], Tensor]
+# call-at-start: diffuse to start, first call at start; difface: diffuse to start, first call at start - 1.
+START_CONVENTIONS = ("call-at-start", "difface")
 
 REF_SIZE = 512  # configured blur levels, the DSST table and the eta rule are in pixels at a 512 face
 QUANT_NOISE_POWER = (2.0 / 255.0) ** 2 / 12.0  # uint8 rounding noise variance in [-1, 1] units
@@ -251,15 +255,26 @@ def dynamic_sample(
     noise: NoiseSource,
     *,
     scale_map: Tensor | Callable[[Tensor], Tensor] | None = None,
+    step_scale_map: StepScaleMap | None = None,
+    convention: str = "call-at-start",
 ) -> Tensor:
     """Dynamic DDIM restoration of a batch; returns each sample's guided x0-hat at respaced step 0.
 
-    x_init (B,C,H,W) in [-1,1]: what is diffused to each sample's start (the input or an estimate);
+    x_init (B,C,H,W) in [-1,1]: what is diffused to each sample's start (the blur-mapped image or the input);
     guides (B,G,C,H,W): guide g of sample b is x blurred by params[b].sigmas[g] (G may be 0);
-    scale_map: the DGSA map M (B,1,H,W), a callable image -> M, or None for
-    guidance_scale_map(x_init); computed once per sample from x_init. Pass torch.ones(B,1,H,W) for
-    plain closed-form guidance.
+    scale_map: the DGSA map M (B,1,H,W), a callable image -> M, or None for guidance_scale_map(x_init);
+    computed once per sample from x_init. Pass torch.ones(B,1,H,W) for plain closed-form guidance.
+    step_scale_map: instead of scale_map, a map re-evaluated at every guided step, (guides (B',G,C,H,W),
+    unguided clipped x0-hat (B',C,H,W), original timesteps (B',)) -> M (B',1,H,W) (DynFaceRestore's DGSA
+    is such a learned network); called on the rows being guided at that step.
+    convention: "call-at-start" diffuses to start and calls the network at start first (start + 1 calls);
+    "difface" diffuses to start and calls it at start - 1 first (start calls; start >= 1), DifFace's
+    `q_sample(y, N)` + `ddim_sample_loop(start_timesteps=N)`. The init draw is keyed by the diffused index.
     """
+    if convention not in START_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(START_CONVENTIONS)}, got {convention!r}")
+    if scale_map is not None and step_scale_map is not None:
+        raise ValueError("give scale_map (computed once) or step_scale_map (every step), not both")
     B, C = x_init.shape[:2]
     if len(params) != B:
         raise ValueError(f"one DynParams per sample: {len(params)} for a batch of {B}")
@@ -271,50 +286,60 @@ def dynamic_sample(
         raise ValueError(f"every sample needs {G} guide sigmas")
     if any(p.start >= schedule.num_steps for p in params):
         raise ValueError(f"start steps must be < {schedule.num_steps} (the respaced schedule's length)")
+    # the diffused state at index `start` is handed to the first call at start - shift
+    shift = 1 if convention == "difface" else 0
+    if shift and any(p.start < 1 for p in params):
+        raise ValueError("the difface convention needs start >= 1 (diffused to start, first call at start - 1)")
     device = x_init.device
     x_init, guides = x_init.float(), guides.float()
     guided = {b for b in range(B) if G and params[b].gamma > 0}
-    M = None
-    if guided:
+    fixed_map = None
+    if guided and step_scale_map is None:
         if scale_map is None:
-            M = _rowwise(guidance_scale_map, x_init).float()
+            fixed_map = _rowwise(guidance_scale_map, x_init).float()
         elif callable(scale_map):
-            M = _rowwise(scale_map, x_init).float()
+            fixed_map = _rowwise(scale_map, x_init).float()
         else:
-            M = scale_map.float().to(device)
+            fixed_map = scale_map.float().to(device)
     solver = GuidanceSolver(guides, [list(p.sigmas) for p in params]) if guided else None
     eta = torch.tensor([p.eta for p in params], dtype=torch.float32, device=device)
-    start = [p.start for p in params]
+    first_call = [p.start - shift for p in params]
     x = torch.empty_like(x_init)
     out = torch.empty_like(x_init)
     index = _Index(device)
 
-    for i in range(max(start), -1, -1):
-        rows = [b for b in range(B) if i <= start[b]]
-        new = [b for b in rows if start[b] == i]
+    for i in range(max(first_call), -1, -1):
+        rows = [b for b in range(B) if i <= first_call[b]]
+        new = [b for b in rows if first_call[b] == i]
         if new:
-            xn = index.take(x_init, new, B)
-            x.index_copy_(0, index(new), schedule.q_sample(xn, torch.full((len(new),), i, device=device),
-                                                           noise("init", i, new, xn)))
-        xi = index.take(x, rows, B)
+            x_new = index.take(x_init, new, B)
+            diffused_to = torch.full((len(new),), i + shift, device=device)
+            x.index_copy_(0, index(new), schedule.q_sample(x_new, diffused_to, noise("init", i + shift, new, x_new)))
+        x_rows = index.take(x, rows, B)
         step = torch.full((len(rows),), i, device=device, dtype=torch.long)
-        eps = model(xi, schedule.original_timesteps(step)).float()[:, :C]  # a learned variance is ignored
-        x0 = schedule.predict_x0(xi, step, eps).clamp(-1, 1)
+        timesteps = schedule.original_timesteps(step)
+        eps = model(x_rows, timesteps).float()[:, :C]  # a learned variance is ignored
+        x0 = schedule.predict_x0(x_rows, step, eps).clamp(-1, 1)
 
-        gam = {k: params[b].gammas_at(i) for k, b in enumerate(rows) if b in guided}
-        act = [k for k, g in gam.items() if any(v > 0 for v in g)]
-        if act:
-            bs = [rows[k] for k in act]
-            x0a = index.take(x0, act, len(rows))
-            X = solver(x0a, bs, [gam[k] for k in act])
-            x0g = apply_scale_map(x0a, X, index.take(M, bs, B) if M.shape[0] == B else M).clamp(-1, 1)
-            x0 = x0g if len(act) == len(rows) else x0.index_copy(0, index(act), x0g)
+        gammas = {k: params[b].gammas_at(i) for k, b in enumerate(rows) if b in guided}
+        active = [k for k, g in gammas.items() if any(v > 0 for v in g)]
+        if active:
+            samples = [rows[k] for k in active]
+            x0_active = index.take(x0, active, len(rows))
+            solved = solver(x0_active, samples, [gammas[k] for k in active])
+            if step_scale_map is not None:
+                scale = _rowwise(step_scale_map, index.take(guides, samples, B), x0_active,
+                                 index.take(timesteps, active, len(rows))).float()
+            else:
+                scale = index.take(fixed_map, samples, B) if fixed_map.shape[0] == B else fixed_map
+            x0_guided = apply_scale_map(x0_active, solved, scale).clamp(-1, 1)
+            x0 = x0_guided if len(active) == len(rows) else x0.index_copy(0, index(active), x0_guided)
 
         if i == 0:
             out.index_copy_(0, index(rows), x0)
             break
         etas = index.take(eta, rows, B)
-        z = noise("z", i, rows, xi) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(xi)
+        z = noise("z", i, rows, x_rows) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(x_rows)
         x_prev = schedule.ddim_step(x0, eps, step, etas, z)
         if len(rows) == B:
             x = x_prev
@@ -323,9 +348,9 @@ def dynamic_sample(
     return out
 
 
-def dynamic_model_calls(params: Sequence[DynParams]) -> int:
-    """Network evaluations of one dynamic_sample call: start + 1 per sample."""
-    return sum(p.start + 1 for p in params)
+def dynamic_model_calls(params: Sequence[DynParams], convention: str = "call-at-start") -> int:
+    """Network evaluations of one dynamic_sample call: start + 1 per sample (start with "difface")."""
+    return sum(p.start + (0 if convention == "difface" else 1) for p in params)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,10 +459,12 @@ class SpectralBlurEstimator(BlurEstimator):
 
 __all__ = [
     "REF_SIZE",
+    "START_CONVENTIONS",
     "BlurEstimator",
     "DSSTTable",
     "DynParams",
     "SpectralBlurEstimator",
+    "StepScaleMap",
     "dsst_start_t",
     "dynamic_model_calls",
     "dynamic_sample",

@@ -28,7 +28,7 @@ from tasks.dr2_stage import RuntimeConfig
 from tasks.images import resize_to
 from tasks.manifest import read_manifest
 from tests.helpers import randomize_parameters, tiny_unet
-from tests.vectors import VECTORS, config
+from tests.vectors import VECTORS, config, vector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -230,6 +230,122 @@ def test_tiny_difface_prior_on_the_ddim250_grid():
     out = dynamic_sample(counted, DDIM250, x, guides, [_params(3, eta=0.1), _params(1)], SeededNoise([7, 8]))
     assert torch.isfinite(out).all() and out.abs().max() <= 1
     assert counted.timesteps == [[12], [8], [4, 4], [0, 0]]  # DifFace's t = 4k, per-sample starts
+
+
+class ReplayDifFaceDraws:
+    """The recorded DifFace run's draws: "init" at the diffused index N is q_noise, ("z", i) is z_{i - shift}
+    (shift 1: the same draws in the same order for a chain whose steps are one index higher)."""
+
+    def __init__(self, vec: dict, shift: int = 0):
+        self.vec, self.shift, self.asked = vec, shift, []
+
+    def __call__(self, kind, step, rows, like):
+        self.asked.append((kind, step))
+        key = "q_noise" if kind == "init" else f"z_{step - self.shift}"
+        assert kind in ("init", "z") and (kind == "z" or step == int(self.vec["N"])), (kind, step)
+        return torch.from_numpy(self.vec[key]).expand(like.shape).clone()
+
+
+class RecordingModel(Counting):
+    """Counting, and the state each call received."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.inputs = []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        return super().__call__(x, t)
+
+
+@pytest.fixture(scope="module")
+def difface_tiny_net():
+    model = _tiny_difface()
+    model.load_state_dict(torch.load(VECTORS / "tiny_difface_unet_state_dict.pt", weights_only=True), strict=True)
+    return model.eval()
+
+
+DIFFACE_LOOPS = ["difface_ddim_loop_ddim250_s100_eta0.npz", "difface_ddim_loop_ddim250_s100_eta05.npz",
+                 "difface_ddim_loop_ddim250_s37_eta05.npz"]
+
+
+@pytest.mark.parametrize("name", DIFFACE_LOOPS)
+@torch.inference_mode()
+def test_difface_convention_reproduces_difface_recorded_loop(name, difface_tiny_net):
+    """DifFace's sample_func_ir_aligned core (guidance off) replayed from its recorded draws: x_start
+    bit-identical, the network's timesteps exactly (first call at N - 1), the result to float precision."""
+    vec = vector(name)
+    N, eta = int(vec["N"]), float(vec["eta"])
+    y = torch.from_numpy(vec["y"])
+    no_guides = y.new_zeros((1, 0) + tuple(y.shape[1:]))
+    model, draws = RecordingModel(difface_tiny_net), ReplayDifFaceDraws(vec)
+    out = dynamic_sample(model, DDIM250, y, no_guides, [DynParams(start=N, eta=eta)], draws, convention="difface")
+    assert torch.equal(model.inputs[0], torch.from_numpy(vec["x_start"]))  # q_sample to index N, float32 coefs
+    assert [t[0] for t in model.timesteps] == vec["timesteps"].tolist()  # 4(N-1), ..., 4, 0
+    assert len(model.timesteps) == N == dynamic_model_calls([DynParams(start=N)], "difface")
+    # the draws actually used: q_noise and, for eta > 0, z_{N-1} .. z_1 (z_0 is multiplied by 0 in DifFace)
+    assert draws.asked == [("init", N)] + ([("z", i) for i in range(N - 1, 0, -1)] if eta > 0 else [])
+    torch.testing.assert_close(model.inputs[1], torch.from_numpy(vec["x_first"]), rtol=0, atol=1e-5)
+    err = (out - torch.from_numpy(vec["out"])).abs().max().item()
+    assert err <= 1e-5, err
+    # the project's convention (first call at the diffused index) is NOT DifFace's: it misses by far more
+    other = dynamic_sample(difface_tiny_net, DDIM250, y, no_guides, [DynParams(start=N, eta=eta)],
+                           ReplayDifFaceDraws(vec, shift=1))
+    assert (other - torch.from_numpy(vec["out"])).abs().max().item() > 1e-2
+
+
+@torch.inference_mode()
+def test_per_step_scale_map_is_evaluated_at_every_guided_step(net):
+    from models.guidance import apply_scale_map, closed_form_guidance
+    from tests.plugins import TinyGuidanceScaleNet
+
+    x, guides = _inputs(3, seed=4)
+    params = [_params(5, eta=0.2), _params(2), _params(3, gamma=0.0)]
+    calls = []
+
+    def ones(g, x0, t):
+        calls.append((g.shape[0], t.tolist()))
+        return torch.ones_like(x0[:, :1])
+
+    plain = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), scale_map=torch.ones(3, 1, 32, 32))
+    stepped = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), step_scale_map=ones)
+    assert torch.equal(plain, stepped)  # a map of ones at every step is plain closed-form guidance
+    # one call per guided row and step (rows one at a time on CPU), at the step's original timestep
+    want = [(1, [4 * i]) for i in range(5, -1, -1) for b in (0, 1) if i <= params[b].start]
+    assert calls == want
+    # at start 0 the map sees (the sample's guides, its unguided clipped x0-hat, t = 0)
+    dgsa = TinyGuidanceScaleNet(guides=2).eval()
+    seen = []
+
+    def spy(g, x0, t):
+        seen.append((g, x0, t))
+        return dgsa(g, x0, t)
+
+    p = _params(0)
+    out = dynamic_sample(net, DDIM250, x[:1], guides[:1], [p], SeededNoise([5]), step_scale_map=spy)
+    step = torch.zeros(1, dtype=torch.long)
+    xt = DDIM250.q_sample(x[:1], step, SeededNoise([5])("init", 0, [0], x[:1]))
+    x0 = DDIM250.predict_x0(xt, step, net(xt, step)[:, :3]).clamp(-1, 1)
+    assert torch.equal(seen[0][0], guides[:1]) and torch.equal(seen[0][1], x0) and seen[0][2].tolist() == [0]
+    X = closed_form_guidance(x0, guides[:1], torch.tensor([p.sigmas], dtype=torch.float64), [[0.5, 0.5]])
+    assert torch.equal(out, apply_scale_map(x0, X, dgsa(guides[:1], x0, step)).clamp(-1, 1))
+    # batched equals alone with the learned map too
+    batch = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), step_scale_map=dgsa)
+    for b in range(3):
+        alone = dynamic_sample(net, DDIM250, x[b:b + 1], guides[b:b + 1], [params[b]], SeededNoise([b + 1]),
+                               step_scale_map=dgsa)
+        assert torch.equal(batch[b:b + 1], alone)
+    with pytest.raises(ValueError, match="not both"):
+        dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), scale_map=torch.ones(3, 1, 32, 32),
+                       step_scale_map=dgsa)
+
+
+def test_difface_convention_needs_a_start_of_at_least_one(net):
+    x, guides = _inputs(1)
+    with pytest.raises(ValueError, match="start >= 1"):
+        dynamic_sample(net, DDIM250, x, guides, [_params(0)], SeededNoise([1]), convention="difface")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        dynamic_sample(net, DDIM250, x, guides, [_params(2)], SeededNoise([1]), convention="ddpm")
 
 
 class FakeDBLM(torch.nn.Module):
