@@ -122,17 +122,18 @@ class DynParams:
     @classmethod
     def of(cls, sigmas: Sequence[float], table: DSSTTable, schedule: DiffusionSchedule, image_size: int, *,
            gamma: float, eta: float | None = None, eta_scale: float = 0.1, sigma_est: float | None = None,
-           max_start: int | None = None) -> DynParams:
+           max_start: int | None = None, min_start: int = 0) -> DynParams:
         """Parameters from guide sigmas (px of an image_size image) through the DSST table.
 
         start = DSST(sigma_1); starts[g] = min(start, DSST(sigma_g)); eta = min(1, eta_scale * sigma_est)
         with sigma_est in px at REF_SIZE (default: the sharpest guide's sigma) unless eta is given;
-        max_start caps every start (cost control; None = no cap).
+        max_start caps every start (cost control; None = no cap); min_start raises it (1 under the difface
+        convention, whose first call is at start - 1).
         """
         sig = [float(s) for s in sigmas]
         steps = [table.start_index(s, image_size, schedule) for s in sig]
         cap = schedule.num_steps - 1 if max_start is None or max_start < 0 else min(max_start, schedule.num_steps - 1)
-        start = min(steps[0] if steps else 0, cap)
+        start = max(min(steps[0] if steps else 0, cap), min(min_start, schedule.num_steps - 1))
         starts = tuple(min(start, s) for s in steps)
         if eta is None:
             est = sig[-1] if sigma_est is None else float(sigma_est)
