@@ -1,8 +1,21 @@
-"""Dynamic diffusion restoration (DynFaceRestore-style): blur-level estimate -> DSST start step -> DDIM with
+"""Dynamic diffusion restoration (DynFaceRestore-style): blur mapping -> DSST start step -> DDIM with
 closed-form Gaussian-blur guidance at every step, on a pretrained unconditional face prior (the DR2 FFHQ-256
 UNet or DifFace's FFHQ-512 UNet). Pure torch; no I/O except `DSSTTable.load` (YAML).
 
-Sampler (`dynamic_sample`), per sample b with parameters `DynParams`:
+What is the paper's and what is a substitute (DynFaceRestore's code is not public):
+- the paper's: diffusing a Gaussian-blurred, degradation-free image from a blur-dependent start step, the
+  closed-form Gaussian guidance at every step (models/guidance.py), eta = std / 10 per sample, and the DDIM
+  loop itself, which is DifFace's (its `ddim_sample`, reproduced sample for sample under
+  convention="difface" on DifFace's recorded runs);
+- TRAINING-FREE SUBSTITUTES: the DSST table (a criterion, RMS(x - k_sigma x) <= c * sqrt((1-abar)/abar), with
+  c calibrated on ONE assumption: a 4 px blur at 512 starts at DifFace's t = 400; the paper's table is
+  not published), the blur estimator (`SpectralBlurEstimator`, assuming a 1/f^2 face spectrum
+  times a Gaussian plus a white floor) standing in for DBLM's known levels, DR2's x0-hat standing in for DBLM's
+  blur-mapped image (assuming DR2's output is a smooth, degradation-free face whose residual blur the
+  estimator can read), and the structure-tensor scale map standing in for the learned DGSA
+  (models/guidance.py). A learned DBLM and a learned per-step DGSA plug in (tasks/dynamic_stage.py).
+
+Sampler (`dynamic_sample`), per sample b with parameters `DynParams` (convention "call-at-start"):
 
     x = q_sample(x_init, start)                                   # noise ("init", start)
     for i = start .. 0 on the respaced grid:
@@ -11,6 +24,7 @@ Sampler (`dynamic_sample`), per sample b with parameters `DynParams`:
         x0 = clamp(x0 + M * (X - x0), -1, 1),
              X = argmin 0.5||x - x0||^2 + sum_g gamma_g/2 ||k_sigma_g * x - guide_g||^2
              with gamma_g = gamma for the guides active at i (i <= starts[g]) and 0 otherwise
+             M = the scale map: computed once per sample, or step_scale_map(guides, x0, t_orig[i])
         if i == 0: return x0
         x = ddim_step(x0, eps, i, eta)                             # noise ("z", i)
 
@@ -18,9 +32,11 @@ Guidance enters only through x0: the DDIM step keeps the RAW eps and the clipped
 DifFace's `ddim_sample` (its regulariser edits `pred_xstart`, `pred_noise` stays the network's eps). At i = 0
 abar_prev = 1, so DifFace's last "sample" is the guided x0 itself; it is returned without a draw.
 
-Convention: the chain is diffused to `start` and the first network call is at `start` (start + 1 calls), so
-the noise level of x always matches the timestep the network is told. DifFace diffuses to index N and
-calls the network from N - 1 (N calls); DSST's start for DifFace's t = 400 is index 100 here.
+Conventions (`START_CONVENTIONS`): "call-at-start" diffuses to `start` and calls the network at `start` first
+(start + 1 calls), so the noise level of x always matches the timestep the network is told. "difface"
+diffuses to `start` = N and calls from N - 1 (N calls; the state diffused to N is treated as the N - 1
+state), DifFace's `q_sample(y, N)` + `ddim_sample_loop(start_timesteps=N)`: for ddim250 and N = 100, q_sample
+at t = 400, calls at t = 396, ..., 0. Either way DSST's start for DifFace's t = 400 is index 100.
 
 Guide schedule: guide g is active at respaced steps i <= starts[g], starts[g] = min(start, DSST(sigma_g)).
 DSST is monotone (more blur -> later start), sigma_1 > sigma_2 > ..., so the blurriest guide is active from
@@ -42,7 +58,9 @@ s^2 = minus the least-squares slope of log(P - N0) + 2 log w against w^2, over t
 8 cycles per image up to the last frequency where the signal is 10x the floor. s is the TOTAL blur; the
 estimate is the blur beyond a sharp face, sigma = sqrt(max(s^2 - s_ref^2, 0)), s_ref = 1.6 px at 512
 (the sharpest face of data/samples). Guides: sigma_g = hypot(sigma, d_g) for configured extra blurs
-d_1 > d_2 > ... >= 0, made by re-blurring the input by sqrt(sigma_g^2 - sigma^2) = d_g (known Gaussian).
+d_1 > d_2 > ... >= 0, made by re-blurring the image by sqrt(sigma_g^2 - sigma^2) = d_g (known Gaussian).
+The stage applies it to the image it diffuses (DR2's x0-hat by default), whose blur is then the only
+unknown; on a raw degraded input the fit also sees noise and JPEG, which no Gaussian explains.
 A learned DBLM is any callable images -> (guides (B,G,C,H,W), sigmas (B,G)) (see tasks/dynamic_stage.py).
 
 Units: sigmas passed to the sampler and the guidance are in pixels of the image being sampled. Configured
@@ -83,7 +101,8 @@ QUANT_NOISE_POWER = (2.0 / 255.0) ** 2 / 12.0  # uint8 rounding noise variance i
 class DynParams:
     """One sample's dynamic-sampling parameters.
 
-    start: respaced index where sampling starts (x = q_sample(x_init, start); first call at start).
+    start: respaced index the sample is diffused to (x = q_sample(x_init, start)); the first network call is
+           at start (convention call-at-start) or start - 1 (difface).
     eta: DDIM eta (0 = deterministic given the init noise).
     sigmas: the G guide blur levels in pixels of the sampled image, strictly decreasing (sigma_1 blurriest).
     starts: per guide, the respaced index at/below which it is active (i <= starts[g]); non-increasing,
