@@ -1,14 +1,21 @@
-"""The dynamic restoration stage (DynFaceRestore-style): blur estimator -> DSST start -> dynamic DDIM with
+"""The dynamic restoration stage (DynFaceRestore-style): blur mapper -> DSST start -> dynamic DDIM with
 closed-form Gaussian guidance on a face prior -> optional enhancer. A per-batch callable (a Ray Data actor).
+
+Blur mapper (dynamic.diffuse): the image diffused to the start step and the source of the guides at known
+blur levels. dr2 = DR2's x0-hat (the prior network when it has DR2's layout, else the workflow's DR2
+network), re-blurred by the spectral estimator's known extra levels; dblm = a learned DBLM plug-in's images;
+input = the raw degraded input, only when asked for. See models/dynamic.py for which parts are the paper's
+and which are training-free substitutes.
 
 In: batch["image"] uint8 (B, S, S, 3), batch["id"], batch["status"] ("ok" rows are processed). Out:
 batch["dr2"] uint8 (the diffusion output at the prior's size, written by --write.dr2), batch["restored"],
-and per row "omega" (the respaced start step), DYNAMIC_COLUMNS, "seed", "weights", "enhancer_weights".
+and per row "omega" (the respaced start step), DYNAMIC_COLUMNS (mapper, blur levels, convention, scale
+map), "seed", "weights" (the prior's identity, then every other network the chain used), "enhancer_weights".
 Each sample's noise depends only on (job seed, id) (SeededNoise(sample_seed)), so outputs do not depend on
 batching, order, worker or retries (bit-identical on CPU).
 
 Also the benchmark's dynamic methods: `parse_methods_with_dynamic` and `DynamicBenchmarkStage` (method
-spec {name, dynamic: true, enhancer}).
+spec {name, dynamic: true, enhancer, diffuse}).
 """
 
 from __future__ import annotations
@@ -111,7 +118,8 @@ class DynamicConfig:
     sharp_sigma: float = opt(1.6, "spectral estimator: total blur of a sharp face (px at 512), removed in quadrature")
     dr2_N: int = opt(4, "diffuse dr2: DR2's N")
     dr2_tau: int = opt(22, "diffuse dr2: DR2's tau")
-    gamma: float = opt(0.5, "guidance strength per active guide (0 = unguided DDIM from the DSST start)")
+    gamma: float = opt(0.5, "strength of the paper's closed-form Gaussian guidance per active guide (0 = unguided "
+                            "DDIM from the DSST start); the padded FFT solve is exact for the circular model only")
     eta: float | None = opt(None, "DDIM eta for every sample; unset = per sample eta_scale * sigma_est (px at 512)")
     eta_scale: float = opt(0.1, "the eta rule's factor (DynFaceRestore: eta = std / 10), capped at 1")
     scale_map: bool = opt(True, "DGSA: scale the guidance per pixel (strong on contours, weak in texture); "
