@@ -474,6 +474,10 @@ class DynamicBenchmarkStage(BenchmarkStage):
     def _diffuse(method: dict, dynamic: DynamicConfig) -> str:
         return method.get("diffuse", dynamic.diffuse)
 
+    def _mode(self, method: dict) -> str:
+        """The resolved mapper of a dynamic method (auto and its value share one chain)."""
+        return self.dynamic_stage.modes[self._diffuse(method, self.dynamic_stage.cfg)]
+
     def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
         outs = super()._method_outputs(batch, ok)  # dynamic methods come back as the LQ (no N): replaced here
         gt_size = batch["image"].shape[1]
@@ -482,12 +486,13 @@ class DynamicBenchmarkStage(BenchmarkStage):
         for m in self.methods:
             if not is_dynamic(m):
                 continue
-            diffuse = self._diffuse(m, self.dynamic_stage.cfg)
-            if diffuse not in sampled:
-                x0, params, info = self.dynamic_stage.restore_float(batch["lq_pixels"][ok], ids, diffuse)
-                sampled[diffuse] = x0
-                self._results[diffuse] = (params, info)
-            outs[m["name"]] = self._finish(sampled[diffuse], m["enhancer"], gt_size)
+            mode = self._mode(m)
+            if mode not in sampled:
+                x0, params, info = self.dynamic_stage.restore_float(batch["lq_pixels"][ok], ids,
+                                                                    self._diffuse(m, self.dynamic_stage.cfg))
+                sampled[mode] = x0
+                self._results[mode] = (params, info)
+            outs[m["name"]] = self._finish(sampled[mode], m["enhancer"], gt_size)
         return outs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -501,7 +506,7 @@ class DynamicBenchmarkStage(BenchmarkStage):
                 continue
             rows = slice(j * n, (j + 1) * n)
             out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']][2]}"
-            params, info = self._results.get(self._diffuse(m, self.dynamic_stage.cfg), ([], []))
+            params, info = self._results.get(self._mode(m), ([], []))
             for p, row, k in zip(params, info, ok):
                 out["omega"][j * n + k] = p.start
                 for c in cols:

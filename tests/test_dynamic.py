@@ -607,7 +607,7 @@ def test_benchmark_stage_runs_dynamic_methods_both_ways_side_by_side(monkeypatch
     from tasks.restore_stage import EnhancerConfig
 
     methods = [{"name": "input"}, {"name": "dyn", "dynamic": True},
-               {"name": "dyn+bicubic", "dynamic": True, "enhancer": "bicubic"},
+               {"name": "dyn+bicubic", "dynamic": True, "enhancer": "bicubic", "diffuse": "dr2"},
                {"name": "dyn_raw", "dynamic": True, "diffuse": "input"}]
     with pytest.raises(ValueError, match="dynamic method"):
         parse_methods_with_dynamic([{"name": "d", "dynamic": True, "N": 4}])
@@ -631,7 +631,7 @@ def test_benchmark_stage_runs_dynamic_methods_both_ways_side_by_side(monkeypatch
     assert list(out["omega"][:2]) == [-1, -1] and (out["omega"][2:] >= 0).all()
     assert list(out["weights"][2:]) == (["random-init:tiny+none"] * 2 + ["random-init:tiny+bicubic"] * 2
                                         + ["random-init:tiny+none"] * 2)
-    # the sampler ran once per diffuse value: dyn and dyn+bicubic share the DR2-mapped chain, dyn_raw its own
+    # the sampler ran once per mapper: dyn (auto) and dyn+bicubic (dr2) share the DR2-mapped chain, dyn_raw its own
     assert len(spy.calls) == 2
     assert not torch.equal(spy.calls[0]["x_init"], spy.calls[1]["x_init"])
     assert list(out["blur_mapper"]) == [""] * 2 + ["dr2(N=4,tau=22,weights=random-init:tiny)"] * 4 + ["input"] * 2
