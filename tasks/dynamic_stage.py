@@ -141,6 +141,10 @@ class DynamicConfig:
                              f"got {self.start_convention!r}")
         if self.diffuse not in DIFFUSE_MODES:
             raise ValueError(f"dynamic.diffuse must be one of {', '.join(DIFFUSE_MODES)}, got {self.diffuse!r}")
+        try:
+            DR2Params.of(self.dr2_N, self.dr2_tau)
+        except ValueError as e:
+            raise ValueError(f"dynamic.dr2_N / dynamic.dr2_tau: {e}") from None
 
 
 def resolve_diffuse(cfg: DynamicConfig, dr2: DR2Config | None, diffuse: str | None = None) -> str:

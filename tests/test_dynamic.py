@@ -482,6 +482,8 @@ def test_diffuse_options_are_refused_in_one_line_naming_the_fix(caplog):
         DynamicConfig(diffuse="raw")
     with pytest.raises(ValueError, match="dynamic.start_convention must be one of call-at-start, difface"):
         DynamicConfig(start_convention="ddpm")
+    with pytest.raises(ValueError, match="dynamic.dr2_N / dynamic.dr2_tau"):
+        DynamicConfig(dr2_tau=150)
     difface = DynamicConfig(prior="difface-512")
     with pytest.raises(ValueError, match="--dr2.weights .* or choose --dynamic.diffuse input"):
         resolve_diffuse(difface, DR2Config())
