@@ -26,8 +26,12 @@ def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
 def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> list[int]:
     """Kept original timesteps, as guided-diffusion's `space_timesteps` (sorted).
 
-    "100" gives 100 evenly spread steps with a fractional stride rounded per step (NOT range(0,1000,10));
+    "100" gives 100 evenly spread steps with a fractional stride (NOT range(0,1000,10));
     "ddimK" gives range(0, T, stride) with exactly K steps; "a,b,c" splits T into sections.
+    Within a section the position is ACCUMULATED in float (pos += stride) and rounded with Python's
+    round (half to even), exactly as guided-diffusion. round(stride * j) is not the same near a tie:
+    for "21", 10 * 49.95 = 499.5 rounds to 500 where ten additions give 499.49999999999994 -> 499; 278 of
+    the single-section counts 1..1000 (and "25,25") would keep another step.
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -45,8 +49,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
         if size < count:
             raise ValueError(f"cannot divide section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        # Python's round (half to even) is what the reference uses: it decides which steps are kept.
-        kept += [start + round(stride * j) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 

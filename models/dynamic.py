@@ -1,8 +1,21 @@
-"""Dynamic diffusion restoration (DynFaceRestore-style): blur-level estimate -> DSST start step -> DDIM with
+"""Dynamic diffusion restoration (DynFaceRestore-style): blur mapping -> DSST start step -> DDIM with
 closed-form Gaussian-blur guidance at every step, on a pretrained unconditional face prior (the DR2 FFHQ-256
 UNet or DifFace's FFHQ-512 UNet). Pure torch; no I/O except `DSSTTable.load` (YAML).
 
-Sampler (`dynamic_sample`), per sample b with parameters `DynParams`:
+What is the paper's and what is a substitute (DynFaceRestore's code is not public):
+- the paper's: diffusing a Gaussian-blurred, degradation-free image from a blur-dependent start step, the
+  closed-form Gaussian guidance at every step (models/guidance.py), eta = std / 10 per sample, and the DDIM
+  loop itself, which is DifFace's (its `ddim_sample`, reproduced sample for sample under
+  convention="difface" on DifFace's recorded runs);
+- TRAINING-FREE SUBSTITUTES: the DSST table (a criterion, RMS(x - k_sigma x) <= c * sqrt((1-abar)/abar), with
+  c calibrated on ONE assumption: a 4 px blur at 512 starts at DifFace's t = 400; the paper's table is
+  not published), the blur estimator (`SpectralBlurEstimator`, assuming a 1/f^2 face spectrum
+  times a Gaussian plus a white floor) standing in for DBLM's known levels, DR2's x0-hat standing in for DBLM's
+  blur-mapped image (assuming DR2's output is a smooth, degradation-free face whose residual blur the
+  estimator can read), and the structure-tensor scale map standing in for the learned DGSA
+  (models/guidance.py). A learned DBLM and a learned per-step DGSA plug in (tasks/dynamic_stage.py).
+
+Sampler (`dynamic_sample`), per sample b with parameters `DynParams` (convention "call-at-start"):
 
     x = q_sample(x_init, start)                                   # noise ("init", start)
     for i = start .. 0 on the respaced grid:
@@ -11,6 +24,7 @@ Sampler (`dynamic_sample`), per sample b with parameters `DynParams`:
         x0 = clamp(x0 + M * (X - x0), -1, 1),
              X = argmin 0.5||x - x0||^2 + sum_g gamma_g/2 ||k_sigma_g * x - guide_g||^2
              with gamma_g = gamma for the guides active at i (i <= starts[g]) and 0 otherwise
+             M = the scale map: computed once per sample, or step_scale_map(guides, x0, t_orig[i])
         if i == 0: return x0
         x = ddim_step(x0, eps, i, eta)                             # noise ("z", i)
 
@@ -18,9 +32,11 @@ Guidance enters only through x0: the DDIM step keeps the RAW eps and the clipped
 DifFace's `ddim_sample` (its regulariser edits `pred_xstart`, `pred_noise` stays the network's eps). At i = 0
 abar_prev = 1, so DifFace's last "sample" is the guided x0 itself; it is returned without a draw.
 
-Convention: the chain is diffused to `start` and the first network call is at `start` (start + 1 calls), so
-the noise level of x always matches the timestep the network is told. DifFace diffuses to index N and
-calls the network from N - 1 (N calls); DSST's start for DifFace's t = 400 is index 100 here.
+Conventions (`START_CONVENTIONS`): "call-at-start" diffuses to `start` and calls the network at `start` first
+(start + 1 calls), so the noise level of x always matches the timestep the network is told. "difface"
+diffuses to `start` = N and calls from N - 1 (N calls; the state diffused to N is treated as the N - 1
+state), DifFace's `q_sample(y, N)` + `ddim_sample_loop(start_timesteps=N)`: for ddim250 and N = 100, q_sample
+at t = 400, calls at t = 396, ..., 0. Either way DSST's start for DifFace's t = 400 is index 100.
 
 Guide schedule: guide g is active at respaced steps i <= starts[g], starts[g] = min(start, DSST(sigma_g)).
 DSST is monotone (more blur -> later start), sigma_1 > sigma_2 > ..., so the blurriest guide is active from
@@ -42,7 +58,9 @@ s^2 = minus the least-squares slope of log(P - N0) + 2 log w against w^2, over t
 8 cycles per image up to the last frequency where the signal is 10x the floor. s is the TOTAL blur; the
 estimate is the blur beyond a sharp face, sigma = sqrt(max(s^2 - s_ref^2, 0)), s_ref = 1.6 px at 512
 (the sharpest face of data/samples). Guides: sigma_g = hypot(sigma, d_g) for configured extra blurs
-d_1 > d_2 > ... >= 0, made by re-blurring the input by sqrt(sigma_g^2 - sigma^2) = d_g (known Gaussian).
+d_1 > d_2 > ... >= 0, made by re-blurring the image by sqrt(sigma_g^2 - sigma^2) = d_g (known Gaussian).
+The stage applies it to the image it diffuses (DR2's x0-hat by default), whose blur is then the only
+unknown; on a raw degraded input the fit also sees noise and JPEG, which no Gaussian explains.
 A learned DBLM is any callable images -> (guides (B,G,C,H,W), sigmas (B,G)) (see tasks/dynamic_stage.py).
 
 Units: sigmas passed to the sampler and the guidance are in pixels of the image being sampled. Configured
@@ -67,6 +85,10 @@ from models.noise import NoiseSource
 
 # The network: x (B,C,H,W) and ORIGINAL integer timesteps (B,) -> (B, 2C, H, W) = [eps, v] (or (B, C) eps).
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+# A per-step guidance scale map: (guides (B,G,C,H,W), clipped x0-hat (B,C,H,W), original t (B,)) -> (B,1,H,W).
+StepScaleMap = Callable[[Tensor, Tensor, Tensor], Tensor]
+# call-at-start: diffuse to start, first call at start; difface: diffuse to start, first call at start - 1.
+START_CONVENTIONS = ("call-at-start", "difface")
 
 REF_SIZE = 512  # configured blur levels, the DSST table and the eta rule are in pixels at a 512 face
 QUANT_NOISE_POWER = (2.0 / 255.0) ** 2 / 12.0  # uint8 rounding noise variance in [-1, 1] units
@@ -79,7 +101,8 @@ QUANT_NOISE_POWER = (2.0 / 255.0) ** 2 / 12.0  # uint8 rounding noise variance i
 class DynParams:
     """One sample's dynamic-sampling parameters.
 
-    start: respaced index where sampling starts (x = q_sample(x_init, start); first call at start).
+    start: respaced index the sample is diffused to (x = q_sample(x_init, start)); the first network call is
+           at start (convention call-at-start) or start - 1 (difface).
     eta: DDIM eta (0 = deterministic given the init noise).
     sigmas: the G guide blur levels in pixels of the sampled image, strictly decreasing (sigma_1 blurriest).
     starts: per guide, the respaced index at/below which it is active (i <= starts[g]); non-increasing,
@@ -118,17 +141,18 @@ class DynParams:
     @classmethod
     def of(cls, sigmas: Sequence[float], table: DSSTTable, schedule: DiffusionSchedule, image_size: int, *,
            gamma: float, eta: float | None = None, eta_scale: float = 0.1, sigma_est: float | None = None,
-           max_start: int | None = None) -> DynParams:
+           max_start: int | None = None, min_start: int = 0) -> DynParams:
         """Parameters from guide sigmas (px of an image_size image) through the DSST table.
 
         start = DSST(sigma_1); starts[g] = min(start, DSST(sigma_g)); eta = min(1, eta_scale * sigma_est)
         with sigma_est in px at REF_SIZE (default: the sharpest guide's sigma) unless eta is given;
-        max_start caps every start (cost control; None = no cap).
+        max_start caps every start (cost control; None = no cap); min_start raises it (1 under the difface
+        convention, whose first call is at start - 1).
         """
         sig = [float(s) for s in sigmas]
         steps = [table.start_index(s, image_size, schedule) for s in sig]
         cap = schedule.num_steps - 1 if max_start is None or max_start < 0 else min(max_start, schedule.num_steps - 1)
-        start = min(steps[0] if steps else 0, cap)
+        start = max(min(steps[0] if steps else 0, cap), min(min_start, schedule.num_steps - 1))
         starts = tuple(min(start, s) for s in steps)
         if eta is None:
             est = sig[-1] if sigma_est is None else float(sigma_est)
@@ -251,15 +275,26 @@ def dynamic_sample(
     noise: NoiseSource,
     *,
     scale_map: Tensor | Callable[[Tensor], Tensor] | None = None,
+    step_scale_map: StepScaleMap | None = None,
+    convention: str = "call-at-start",
 ) -> Tensor:
     """Dynamic DDIM restoration of a batch; returns each sample's guided x0-hat at respaced step 0.
 
-    x_init (B,C,H,W) in [-1,1]: what is diffused to each sample's start (the input or an estimate);
+    x_init (B,C,H,W) in [-1,1]: what is diffused to each sample's start (the blur-mapped image or the input);
     guides (B,G,C,H,W): guide g of sample b is x blurred by params[b].sigmas[g] (G may be 0);
-    scale_map: the DGSA map M (B,1,H,W), a callable image -> M, or None for
-    guidance_scale_map(x_init); computed once per sample from x_init. Pass torch.ones(B,1,H,W) for
-    plain closed-form guidance.
+    scale_map: the DGSA map M (B,1,H,W), a callable image -> M, or None for guidance_scale_map(x_init);
+    computed once per sample from x_init. Pass torch.ones(B,1,H,W) for plain closed-form guidance.
+    step_scale_map: instead of scale_map, a map re-evaluated at every guided step, (guides (B',G,C,H,W),
+    unguided clipped x0-hat (B',C,H,W), original timesteps (B',)) -> M (B',1,H,W) (DynFaceRestore's DGSA
+    is such a learned network); called on the rows being guided at that step.
+    convention: "call-at-start" diffuses to start and calls the network at start first (start + 1 calls);
+    "difface" diffuses to start and calls it at start - 1 first (start calls; start >= 1), DifFace's
+    `q_sample(y, N)` + `ddim_sample_loop(start_timesteps=N)`. The init draw is keyed by the diffused index.
     """
+    if convention not in START_CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(START_CONVENTIONS)}, got {convention!r}")
+    if scale_map is not None and step_scale_map is not None:
+        raise ValueError("give scale_map (computed once) or step_scale_map (every step), not both")
     B, C = x_init.shape[:2]
     if len(params) != B:
         raise ValueError(f"one DynParams per sample: {len(params)} for a batch of {B}")
@@ -271,50 +306,60 @@ def dynamic_sample(
         raise ValueError(f"every sample needs {G} guide sigmas")
     if any(p.start >= schedule.num_steps for p in params):
         raise ValueError(f"start steps must be < {schedule.num_steps} (the respaced schedule's length)")
+    # the diffused state at index `start` is handed to the first call at start - shift
+    shift = 1 if convention == "difface" else 0
+    if shift and any(p.start < 1 for p in params):
+        raise ValueError("the difface convention needs start >= 1 (diffused to start, first call at start - 1)")
     device = x_init.device
     x_init, guides = x_init.float(), guides.float()
     guided = {b for b in range(B) if G and params[b].gamma > 0}
-    M = None
-    if guided:
+    fixed_map = None
+    if guided and step_scale_map is None:
         if scale_map is None:
-            M = _rowwise(guidance_scale_map, x_init).float()
+            fixed_map = _rowwise(guidance_scale_map, x_init).float()
         elif callable(scale_map):
-            M = _rowwise(scale_map, x_init).float()
+            fixed_map = _rowwise(scale_map, x_init).float()
         else:
-            M = scale_map.float().to(device)
+            fixed_map = scale_map.float().to(device)
     solver = GuidanceSolver(guides, [list(p.sigmas) for p in params]) if guided else None
     eta = torch.tensor([p.eta for p in params], dtype=torch.float32, device=device)
-    start = [p.start for p in params]
+    first_call = [p.start - shift for p in params]
     x = torch.empty_like(x_init)
     out = torch.empty_like(x_init)
     index = _Index(device)
 
-    for i in range(max(start), -1, -1):
-        rows = [b for b in range(B) if i <= start[b]]
-        new = [b for b in rows if start[b] == i]
+    for i in range(max(first_call), -1, -1):
+        rows = [b for b in range(B) if i <= first_call[b]]
+        new = [b for b in rows if first_call[b] == i]
         if new:
-            xn = index.take(x_init, new, B)
-            x.index_copy_(0, index(new), schedule.q_sample(xn, torch.full((len(new),), i, device=device),
-                                                           noise("init", i, new, xn)))
-        xi = index.take(x, rows, B)
+            x_new = index.take(x_init, new, B)
+            diffused_to = torch.full((len(new),), i + shift, device=device)
+            x.index_copy_(0, index(new), schedule.q_sample(x_new, diffused_to, noise("init", i + shift, new, x_new)))
+        x_rows = index.take(x, rows, B)
         step = torch.full((len(rows),), i, device=device, dtype=torch.long)
-        eps = model(xi, schedule.original_timesteps(step)).float()[:, :C]  # a learned variance is ignored
-        x0 = schedule.predict_x0(xi, step, eps).clamp(-1, 1)
+        timesteps = schedule.original_timesteps(step)
+        eps = model(x_rows, timesteps).float()[:, :C]  # a learned variance is ignored
+        x0 = schedule.predict_x0(x_rows, step, eps).clamp(-1, 1)
 
-        gam = {k: params[b].gammas_at(i) for k, b in enumerate(rows) if b in guided}
-        act = [k for k, g in gam.items() if any(v > 0 for v in g)]
-        if act:
-            bs = [rows[k] for k in act]
-            x0a = index.take(x0, act, len(rows))
-            X = solver(x0a, bs, [gam[k] for k in act])
-            x0g = apply_scale_map(x0a, X, index.take(M, bs, B) if M.shape[0] == B else M).clamp(-1, 1)
-            x0 = x0g if len(act) == len(rows) else x0.index_copy(0, index(act), x0g)
+        gammas = {k: params[b].gammas_at(i) for k, b in enumerate(rows) if b in guided}
+        active = [k for k, g in gammas.items() if any(v > 0 for v in g)]
+        if active:
+            samples = [rows[k] for k in active]
+            x0_active = index.take(x0, active, len(rows))
+            solved = solver(x0_active, samples, [gammas[k] for k in active])
+            if step_scale_map is not None:
+                scale = _rowwise(step_scale_map, index.take(guides, samples, B), x0_active,
+                                 index.take(timesteps, active, len(rows))).float()
+            else:
+                scale = index.take(fixed_map, samples, B) if fixed_map.shape[0] == B else fixed_map
+            x0_guided = apply_scale_map(x0_active, solved, scale).clamp(-1, 1)
+            x0 = x0_guided if len(active) == len(rows) else x0.index_copy(0, index(active), x0_guided)
 
         if i == 0:
             out.index_copy_(0, index(rows), x0)
             break
         etas = index.take(eta, rows, B)
-        z = noise("z", i, rows, xi) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(xi)
+        z = noise("z", i, rows, x_rows) if any(params[b].eta > 0 for b in rows) else torch.zeros_like(x_rows)
         x_prev = schedule.ddim_step(x0, eps, step, etas, z)
         if len(rows) == B:
             x = x_prev
@@ -323,9 +368,9 @@ def dynamic_sample(
     return out
 
 
-def dynamic_model_calls(params: Sequence[DynParams]) -> int:
-    """Network evaluations of one dynamic_sample call: start + 1 per sample."""
-    return sum(p.start + 1 for p in params)
+def dynamic_model_calls(params: Sequence[DynParams], convention: str = "call-at-start") -> int:
+    """Network evaluations of one dynamic_sample call: start + 1 per sample (start with "difface")."""
+    return sum(p.start + (0 if convention == "difface" else 1) for p in params)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,10 +479,12 @@ class SpectralBlurEstimator(BlurEstimator):
 
 __all__ = [
     "REF_SIZE",
+    "START_CONVENTIONS",
     "BlurEstimator",
     "DSSTTable",
     "DynParams",
     "SpectralBlurEstimator",
+    "StepScaleMap",
     "dsst_start_t",
     "dynamic_model_calls",
     "dynamic_sample",

@@ -1,8 +1,8 @@
 """Closed-form Gaussian-blur guidance (DynFaceRestore-style) and the DGSA guidance scale map.
 
-Guidance step. Given the diffusion model's clean estimate x0 and G guidance images y_g that are x blurred
-with *known* Gaussian kernels k_g (DynFaceRestore's DBLM outputs, sigma1 > sigma2 > sigma3), the guided
-estimate is the exact minimiser of
+Guidance step (the paper's closed-form guidance). Given the diffusion model's clean estimate x0 and G
+guidance images y_g that are x blurred with *known* Gaussian kernels k_g (DynFaceRestore's DBLM outputs,
+sigma1 > sigma2 > sigma3), the guided estimate minimises
 
     0.5 ||x - x0||^2 + sum_g gamma_g / 2 ||k_g * x - y_g||^2 .
 
@@ -12,8 +12,16 @@ equations (I + sum_g gamma_g K_g^T K_g) x = x0 + sum_g gamma_g K_g^T y_g are sol
     X = (F(x0) + sum_g gamma_g conj(K_g) F(y_g)) / (1 + sum_g gamma_g |K_g|^2).
 
 The circular model would wrap opposite face borders into each other, so x0 and the guides are reflect-padded
-by P = ceil(3 max sigma) first and the solution is cropped back. A per-pixel scale map M (DGSA) then blends
-x0 + M (X - x0): strong guidance on contours, weak in textured regions.
+by P = ceil(3 max sigma) first and the solution is cropped back. This padded solve is EXACT ONLY FOR THE
+CIRCULAR MODEL (of the padded image). Against the minimiser with reflect-boundary blur (what a blurred face
+crop is) it differs near the borders: up to ~0.1 (in [-1, 1] units) at the edge, decaying within a band of
+~3 sigma (< 3e-3 beyond it, < 1e-4 beyond 6 sigma; tests/test_guidance.py measures it against a dense solve).
+
+A per-pixel scale map M then blends x0 + M (X - x0). DynFaceRestore's DGSA is a learned network of
+(guide, x0_t, t) evaluated at every step; `guidance_scale_map` is a TRAINING-FREE SUBSTITUTE (structure-
+tensor coherence, computed once per sample) resting on one assumption: guidance helps on coherent contours
+and hurts in texture, so it is strong on edges and weak (floor) elsewhere. A learned map plugs in per step
+(models.dynamic.dynamic_sample's step_scale_map).
 
 Kernels. ``gaussian_kernel`` is the discrete Gaussian: exp(-(i^2 + j^2) / (2 sigma^2)) sampled at integer
 offsets |i|, |j| <= r = ceil(3 sigma), normalised to sum 1 (exactly the outer product of the normalised 1-D
@@ -387,8 +395,9 @@ def _closed_form_circular(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Ten
 # ---------------------------------------------------------------------------------------------------------
 @runtime_checkable
 class ScaleMapNet(Protocol):
-    """A learned DGSA map can replace ``guidance_scale_map``: any callable image (B, C, H, W) in [-1, 1]
-    -> (B, 1, H, W) in [0, 1] (e.g. a small nn.Module), used with ``apply_scale_map``."""
+    """A map computed once can replace ``guidance_scale_map``: any callable image (B, C, H, W) in [-1, 1]
+    -> (B, 1, H, W) in [0, 1], used with ``apply_scale_map``. A learned per-step DGSA (guides, x0_t, t) is
+    models.dynamic.StepScaleMap instead."""
 
     def __call__(self, image: Tensor) -> Tensor: ...
 
@@ -401,7 +410,8 @@ def _luma(image: Tensor) -> Tensor:
 
 
 def guidance_scale_map(image: Tensor, *, sigma: float = 1.5, floor: float = 0.1) -> Tensor:
-    """Training-free DGSA map (B, 1, H, W) in [floor, 1]: high on coherent contours, low in texture/flat areas.
+    """Training-free substitute for the learned DGSA, (B, 1, H, W) in [floor, 1]: high on coherent contours,
+    low in texture/flat areas (the assumption: guidance helps on edges, hurts in texture).
 
     For luma Y (BT.601 weights for RGB, channel mean otherwise) of the [-1, 1] image:
       1. gx, gy: central differences with replicated borders;

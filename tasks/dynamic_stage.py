@@ -1,14 +1,21 @@
-"""The dynamic restoration stage (DynFaceRestore-style): blur estimator -> DSST start -> dynamic DDIM with
+"""The dynamic restoration stage (DynFaceRestore-style): blur mapper -> DSST start -> dynamic DDIM with
 closed-form Gaussian guidance on a face prior -> optional enhancer. A per-batch callable (a Ray Data actor).
+
+Blur mapper (dynamic.diffuse): the image diffused to the start step and the source of the guides at known
+blur levels. dr2 = DR2's x0-hat (the prior network when it has DR2's layout, else the workflow's DR2
+network), re-blurred by the spectral estimator's known extra levels; dblm = a learned DBLM plug-in's images;
+input = the raw degraded input, only when asked for. See models/dynamic.py for which parts are the paper's
+and which are training-free substitutes.
 
 In: batch["image"] uint8 (B, S, S, 3), batch["id"], batch["status"] ("ok" rows are processed). Out:
 batch["dr2"] uint8 (the diffusion output at the prior's size, written by --write.dr2), batch["restored"],
-and per row "omega" (the respaced start step), DYNAMIC_COLUMNS, "seed", "weights", "enhancer_weights".
+and per row "omega" (the respaced start step), DYNAMIC_COLUMNS (mapper, blur levels, convention, scale
+map), "seed", "weights" (the prior's identity, then every other network the chain used), "enhancer_weights".
 Each sample's noise depends only on (job seed, id) (SeededNoise(sample_seed)), so outputs do not depend on
 batching, order, worker or retries (bit-identical on CPU).
 
 Also the benchmark's dynamic methods: `parse_methods_with_dynamic` and `DynamicBenchmarkStage` (method
-spec {name, dynamic: true, enhancer}).
+spec {name, dynamic: true, enhancer, diffuse}).
 """
 
 from __future__ import annotations
@@ -22,17 +29,27 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from models.diffusion import dr2_schedule, respaced_linear_schedule
 from models.dr2 import DR2Params, dr2_sample
-from models.dynamic import REF_SIZE, DSSTTable, DynParams, SpectralBlurEstimator, dynamic_sample
+from models.dynamic import REF_SIZE, START_CONVENTIONS, DSSTTable, DynParams, SpectralBlurEstimator, dynamic_sample
 from models.enhancers import enhance
 from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
 from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
 from tasks.config import opt
-from tasks.dr2_stage import TINY_UNET, NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
+from tasks.dr2_stage import (
+    TINY_UNET,
+    DR2Config,
+    DR2Stage,
+    NetworkHost,
+    RuntimeConfig,
+    autocast_on,
+    to_model_range,
+    to_uint8,
+)
 from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
@@ -56,7 +73,11 @@ PRIORS = {  # name -> (UNet config, native size or None = the input's size)
 DR2_PRIORS = ("dr2-256", "tiny")  # the DR2 network layout (can also produce the DR2 estimate)
 
 DYNAMIC_COLUMNS = [("restore_method", pa.string()), ("sigma_est", pa.float64()), ("guide_sigmas", pa.string()),
-                   ("start_t", pa.int64()), ("eta", pa.float64())]
+                   ("start_t", pa.int64()), ("eta", pa.float64()), ("blur_mapper", pa.string()),
+                   ("diffused_sigma", pa.float64()), ("start_convention", pa.string()), ("scale_map", pa.string())]
+# what is diffused to the start step and made into guides (DynamicConfig.diffuse)
+DIFFUSE_MODES = ("auto", "dr2", "dblm", "input")
+STRUCTURE_TENSOR = "structure-tensor"  # the training-free DGSA stand-in (models.guidance.guidance_scale_map)
 
 
 @dataclass(frozen=True)
@@ -69,27 +90,85 @@ class DynamicConfig:
     allow_random_weights: bool = opt(False, "run a random-init prior (demo/tests only; NOT restorations)")
     size: int = opt(0, "sampling size; 0 = the prior's native size (256 / 512; tiny priors: the input size)")
     respacing: str = opt("ddim250", "DDIM grid over T = 1000 (DifFace: ddim250, t = 4k)")
-    dsst: str = opt("configs/dsst.yaml", "DSST table (workflows/build_dsst.py); relative paths from the repo root")
+    start_convention: str = opt("call-at-start", "how the chain starts at the DSST step s: call-at-start diffuses to "
+                                                 "s and calls the network at s first (s + 1 calls; the state's noise "
+                                                 "level is the one the network is told) | difface diffuses to s and "
+                                                 "calls at s - 1 first (s calls, s >= 1): DifFace's q_sample(y, N) + "
+                                                 "ddim_sample_loop(start_timesteps=N), reproduced sample for sample")
+    dsst: str = opt("configs/dsst.yaml", "DSST table sigma -> start step (workflows/build_dsst.py); relative paths "
+                                         "from the repo root. TRAINING-FREE SUBSTITUTE for DynFaceRestore's table: "
+                                         "built from a criterion (the blur residual is hidden by the start's noise) "
+                                         "calibrated on ONE assumption (4 px at 512 starts at DifFace's t = 400)")
     max_start: int = opt(-1, "cap on the respaced start step (cost control); -1 = none")
-    estimator: str = opt("spectral", "blur-level estimator: spectral (training-free) or a learned DBLM class "
-                                     "'package.module:Class' called on (B,3,S,S) in [-1,1] -> (guides (B,G,3,S,S), "
-                                     "sigmas (B,G) px, decreasing)")
+    diffuse: str = opt("auto", "what is diffused to the start step and made into the guides: dr2 = DR2's x0-hat "
+                               "(a smooth, degradation-free face: the prior network when it is dr2-256/tiny, else "
+                               "the workflow's dr2.* network), re-blurred by guide_blur at known levels | dblm = the "
+                               "learned DBLM's (dynamic.estimator) blurred images, the sharpest diffused | input = the "
+                               "raw degraded input (noise, JPEG and resampling included, which the Gaussian guidance "
+                               "model cannot explain) | auto = dblm with a learned estimator, else dr2")
+    estimator: str = opt("spectral", "blur-level estimator: spectral (TRAINING-FREE SUBSTITUTE for DynFaceRestore's "
+                                     "DBLM: assumes a 1/f^2 face spectrum times a Gaussian plus a white floor) or a "
+                                     "learned DBLM class 'package.module:Class' called on (B,3,S,S) in [-1,1] -> "
+                                     "(guides (B,G,3,S,S), sigmas (B,G) px, decreasing)")
     estimator_weights: str | None = opt(None, "learned DBLM weights (path or URI)")
     estimator_sha256: str | None = opt(None, "expected sha256 of the DBLM weights")
     estimator_kwargs: dict = opt({}, "constructor arguments of the learned DBLM class")
     guide_blur: list[float] = opt([2.0, 1.0, 0.0], "spectral estimator: extra blur per guide (px at 512), "
                                                   "strictly decreasing; G = its length; sigma_g = hypot(sigma, d_g)")
     sharp_sigma: float = opt(1.6, "spectral estimator: total blur of a sharp face (px at 512), removed in quadrature")
-    guide_source: str = opt("input", "what is diffused and re-blurred into guides: input | dr2 (DR2's x0-hat, "
-                                     "run with the same network: needs a dr2-256/tiny prior)")
-    dr2_N: int = opt(4, "guide_source dr2: DR2's N")
-    dr2_tau: int = opt(22, "guide_source dr2: DR2's tau")
-    gamma: float = opt(0.5, "guidance strength per active guide (0 = unguided DDIM from the DSST start)")
+    dr2_N: int = opt(4, "diffuse dr2: DR2's N")
+    dr2_tau: int = opt(22, "diffuse dr2: DR2's tau")
+    gamma: float = opt(0.5, "strength of the paper's closed-form Gaussian guidance per active guide (0 = unguided "
+                            "DDIM from the DSST start); the padded FFT solve is exact for the circular model only")
     eta: float | None = opt(None, "DDIM eta for every sample; unset = per sample eta_scale * sigma_est (px at 512)")
     eta_scale: float = opt(0.1, "the eta rule's factor (DynFaceRestore: eta = std / 10), capped at 1")
-    scale_map: bool = opt(True, "DGSA: scale the guidance per pixel (strong on contours, weak in texture)")
-    scale_map_sigma: float = opt(1.5, "DGSA structure-tensor smoothing (px)")
-    scale_map_floor: float = opt(0.1, "DGSA minimum scale")
+    scale_map: bool = opt(True, "DGSA: scale the guidance per pixel (strong on contours, weak in texture); "
+                                "false = plain closed-form guidance")
+    scale_map_net: str = opt(STRUCTURE_TENSOR, "DGSA map: structure-tensor (TRAINING-FREE SUBSTITUTE for the "
+                                               "paper's learned DGSA, computed once from the diffused image: assumes "
+                                               "guidance helps on coherent edges and hurts in texture) or a learned "
+                                               "per-step map 'package.module:Class' called at every guided step on "
+                                               "(guides (B,G,3,S,S), x0-hat (B,3,S,S), t (B,)) -> (B,1,S,S)")
+    scale_map_weights: str | None = opt(None, "learned DGSA weights (path or URI), loaded strictly")
+    scale_map_sha256: str | None = opt(None, "expected sha256 of the learned DGSA weights")
+    scale_map_kwargs: dict = opt({}, "constructor arguments of the learned DGSA class")
+    scale_map_sigma: float = opt(1.5, "structure-tensor DGSA: smoothing (px)")
+    scale_map_floor: float = opt(0.1, "structure-tensor DGSA: minimum scale")
+
+    def __post_init__(self):  # checked where the config is built: the driver, before any actor starts
+        if self.start_convention not in START_CONVENTIONS:
+            raise ValueError(f"dynamic.start_convention must be one of {', '.join(START_CONVENTIONS)}, "
+                             f"got {self.start_convention!r}")
+        if self.diffuse not in DIFFUSE_MODES:
+            raise ValueError(f"dynamic.diffuse must be one of {', '.join(DIFFUSE_MODES)}, got {self.diffuse!r}")
+        try:
+            DR2Params.of(self.dr2_N, self.dr2_tau)
+        except ValueError as e:
+            raise ValueError(f"dynamic.dr2_N / dynamic.dr2_tau: {e}") from None
+
+
+def resolve_diffuse(cfg: DynamicConfig, dr2: DR2Config | None, diffuse: str | None = None) -> str:
+    """The mapper that `diffuse` (default cfg.diffuse) names, or ValueError saying which option to set.
+
+    dr2 needs a DR2 network: the prior itself when it has DR2's layout, else dr2.* with weights (or
+    allow_random_weights for a demo). A learned estimator is a DBLM: it pairs with dblm or input only.
+    """
+    mode = cfg.diffuse if diffuse is None else diffuse
+    if mode not in DIFFUSE_MODES:
+        raise ValueError(f"dynamic.diffuse must be one of {', '.join(DIFFUSE_MODES)}, got {mode!r}")
+    learned = cfg.estimator != "spectral"
+    if mode == "auto":
+        mode = "dblm" if learned else "dr2"
+    if mode == "dblm" and not learned:
+        raise ValueError("dynamic.diffuse dblm needs a learned DBLM: set dynamic.estimator 'pkg.module:Class' "
+                         "(or use dynamic.diffuse dr2 | input)")
+    if mode == "dr2" and learned:
+        raise ValueError("dynamic.diffuse dr2 re-blurs DR2's x0-hat with the spectral estimator; with a learned "
+                         "dynamic.estimator use dynamic.diffuse dblm (or input)")
+    if mode == "dr2" and cfg.prior not in DR2_PRIORS and not (dr2 and (dr2.weights or dr2.allow_random_weights)):
+        raise ValueError(f"dynamic.diffuse dr2 needs a DR2 network and the prior {cfg.prior!r} is not one: set "
+                         "--dr2.weights (DR2_FFHQ.pkl), or choose --dynamic.diffuse input to diffuse the raw input")
+    return mode
 
 
 def resolve_path(path: str) -> str:
@@ -147,60 +226,145 @@ def build_estimator(cfg: DynamicConfig, device: torch.device, storage_options: d
     return dblm, dblm.identity
 
 
+class LearnedScaleMap:
+    """A learned per-step DGSA map named by 'package.module:Class', weights loaded strictly:
+    (guides (B,G,C,H,W), x0-hat (B,C,H,W), original t (B,)) -> (B,1,H,W)."""
+
+    def __init__(self, cfg: DynamicConfig, device: torch.device, storage_options: dict | None = None):
+        factory = import_plugin(cfg.scale_map_net, "dynamic.scale_map_net", STRUCTURE_TENSOR)
+        net, self.identity = build_network(
+            factory, dict(cfg.scale_map_kwargs), name=cfg.scale_map_net, weights=cfg.scale_map_weights,
+            sha256=cfg.scale_map_sha256, allow_random_weights=cfg.allow_random_weights,
+            storage_options=storage_options,
+            missing=f"no weights for the DGSA map {cfg.scale_map_net!r}: set dynamic.scale_map_weights")
+        self.net = net.to(device) if isinstance(net, torch.nn.Module) else net
+
+    @torch.inference_mode()
+    def __call__(self, guides: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = self.net(guides, x0, t)
+        if scale.shape[0] != x0.shape[0] or scale.shape[-2:] != x0.shape[-2:] or scale.shape[1] not in (1, x0.shape[1]):
+            raise ValueError(f"DGSA map returned {tuple(scale.shape)} for x0-hat {tuple(x0.shape)}")
+        return scale.float()
+
+
 class DynamicStage(NetworkHost):
-    """Ray Data callable class: prior, DSST table, estimator and (optionally) enhancer built once per actor."""
+    """Ray Data callable class: prior, DSST table, blur mapper(s), estimator and (optionally) enhancer built
+    once per actor.
+
+    dr2: the workflow's DR2 settings, the DR2 mapper's network when the prior is not DR2's layout.
+    diffuse_modes: every dynamic.diffuse value this actor will be asked for (the benchmark runs several side
+    by side); default: dynamic.diffuse alone.
+    """
 
     def __init__(self, dynamic: DynamicConfig, enhancer: EnhancerConfig | None, runtime: RuntimeConfig, seed: int,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, dr2: DR2Config | None = None,
+                 diffuse_modes: list[str] | None = None):
         self.cfg, self.seed = dynamic, int(seed)
-        if dynamic.guide_source not in ("input", "dr2"):
-            raise ValueError(f"dynamic.guide_source must be input or dr2, got {dynamic.guide_source!r}")
-        if dynamic.guide_source == "dr2" and dynamic.prior not in DR2_PRIORS:
-            raise ValueError(f"dynamic.guide_source dr2 runs DR2 with the prior network: needs a prior in "
-                             f"{DR2_PRIORS}, got {dynamic.prior!r}")
-        model, self.weights, self.native_size = build_prior(dynamic, storage_options=storage_options)
+        self.modes = {m: resolve_diffuse(dynamic, dr2, m) for m in (diffuse_modes or [dynamic.diffuse])}
+        model, self.prior_weights, self.native_size = build_prior(dynamic, storage_options=storage_options)
         self._place(model, runtime)
         self.schedule = respaced_linear_schedule(1000, dynamic.respacing)
         self.table = DSSTTable.load(resolve_path(dynamic.dsst))
         self.estimator, self.estimator_identity = build_estimator(dynamic, self.device, storage_options)
+        # the DR2 mapper: the prior itself when it has DR2's layout, else the workflow's DR2 network (at 256)
+        self.dr2_host, self.dr2_size, labels = None, None, [self.prior_weights]
+        if "dr2" in self.modes.values() and dynamic.prior not in DR2_PRIORS:
+            self.dr2_host = DR2Stage(dr2, runtime, seed, storage_options)
+            self.dr2_size = 256 if dr2.architecture == "ffhq256" else None
+            labels.append(f"dr2={self.dr2_host.weights}")
+        if any(m == "dblm" or (m == "input" and dynamic.estimator != "spectral") for m in self.modes.values()):
+            labels.append(f"dblm={self.estimator_identity}")
+        self.step_scale_map, self.scale_map_identity = None, STRUCTURE_TENSOR if dynamic.scale_map else "ones"
+        if dynamic.scale_map and dynamic.scale_map_net != STRUCTURE_TENSOR:
+            self.step_scale_map = LearnedScaleMap(dynamic, self.device, storage_options)
+            self.scale_map_identity = f"{dynamic.scale_map_net}@{self.step_scale_map.identity}"
+            labels.append(f"dgsa={self.step_scale_map.identity}")
+        # the manifest's weights column: the prior's identity, then every other network the chain used
+        self.weights = "+".join(labels)
         self.enhancer = self.size_out = None
         self.enhancer_weights = "none"
         if enhancer is not None:
             self.enhancer, self.size_out, self.enhancer_weights = build_enhancer(enhancer, self.device,
                                                                                  storage_options)
-        if self.weights.startswith(RANDOM_INIT):
-            log.warning("dynamic stage on %s runs a RANDOM-INIT prior (%s): outputs are not restorations",
+        if RANDOM_INIT in self.weights:
+            log.warning("dynamic stage on %s runs RANDOM-INIT networks (%s): outputs are not restorations",
                         self.device, self.weights)
-        log.info("dynamic stage ready on %s (pid %d, prior %s, weights %s, estimator %s)", self.device,
-                 os.getpid(), dynamic.prior, self.weights, self.estimator_identity)
+        log.info("dynamic stage ready on %s (pid %d, prior %s, weights %s, estimator %s, diffuse %s, start %s, "
+                 "scale map %s)", self.device, os.getpid(), dynamic.prior, self.weights, self.estimator_identity,
+                 self.modes, dynamic.start_convention, self.scale_map_identity)
 
     def model_size(self, input_size: int) -> int:
         return self.cfg.size or self.native_size or input_size
 
+    def _dr2_estimate(self, images: np.ndarray, seeds: list[int], size: int) -> tuple[torch.Tensor, str]:
+        """DR2's x0-hat of uint8 faces at the sampling size, and the mapper's label. Its draws are derived
+        apart from the chain's, so the chain's init noise is independent of DR2's."""
+        p = DR2Params.of(self.cfg.dr2_N, self.cfg.dr2_tau)
+        noise = SeededNoise([derive_seed("dr2-estimate", s) for s in seeds])
+        if self.dr2_host is None:
+            network, identity, dr2_size = self._network, self.prior_weights, size
+        else:
+            network, identity = self.dr2_host._network, self.dr2_host.weights
+            dr2_size = self.dr2_size or size
+        if images.shape[1] != dr2_size:
+            images = np.stack([resize_to(im, dr2_size) for im in images])  # the reference's PIL bicubic
+        x0 = dr2_sample(network, dr2_schedule(), to_model_range(images, self.device), [p] * len(seeds), noise)
+        if dr2_size != size:  # DR2's 256 estimate handed to a 512 prior, as DR2 hands it to its enhancer
+            x0 = F.interpolate(x0.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        return x0.to(self.device), f"dr2(N={p.N},tau={p.tau},weights={identity})"
+
     @torch.inference_mode()
-    def restore_float(self, images: np.ndarray, ids: list[str]) -> tuple[torch.Tensor, list[DynParams], list[dict]]:
-        """uint8 (B,S,S,3) faces -> (x0 in [-1,1] (B,3,S',S') at the model size, params, per-row info)."""
+    def restore_float(self, images: np.ndarray, ids: list[str], diffuse: str | None = None
+                      ) -> tuple[torch.Tensor, list[DynParams], list[dict]]:
+        """uint8 (B,S,S,3) faces -> (x0 in [-1,1] (B,3,S',S') at the model size, params, per-row info).
+
+        diffuse: one of the actor's diffuse_modes (default dynamic.diffuse).
+        """
+        mode = self.modes[self.cfg.diffuse if diffuse is None else diffuse]
         size = self.model_size(images.shape[1])
-        if images.shape[1] != size:
-            images = np.stack([resize_to(im, size) for im in images])  # PIL bicubic, as the load stage
-        y = to_model_range(images, self.device)
         seeds = [sample_seed(self.seed, i) for i in ids]
-        if self.cfg.guide_source == "dr2":
-            p = DR2Params.of(self.cfg.dr2_N, self.cfg.dr2_tau)
-            noise = SeededNoise([derive_seed("dr2-estimate", s) for s in seeds])  # draws apart from the chain's
-            y = dr2_sample(self._network, dr2_schedule(), y, [p] * len(ids), noise)
-        guides, sigmas = self.estimator(y)
+        resized = images if images.shape[1] == size else np.stack([resize_to(im, size) for im in images])
+        y = to_model_range(resized, self.device)  # the degraded input at the sampling size
+        B = len(ids)
+        if mode == "dr2":
+            x_init, mapper = self._dr2_estimate(images, seeds, size)
+            diffused_sigma = self.estimator.estimate(x_init)  # the x0-hat's own blur: the guides add known blur
+            guides, sigmas = self.estimator.guides_for(x_init, diffused_sigma)
+        elif mode == "dblm":
+            guides, sigmas = self.estimator(y)
+            x_init, diffused_sigma = guides[:, -1], sigmas[:, -1]  # the sharpest blur-mapped image
+            mapper = f"dblm({self.estimator_identity})"
+        else:  # the raw input: its blur is not a known level (noise, JPEG, resampling)
+            if isinstance(self.estimator, SpectralBlurEstimator):
+                diffused_sigma = self.estimator.estimate(y)
+                guides, sigmas = self.estimator.guides_for(y, diffused_sigma)
+            else:
+                guides, sigmas = self.estimator(y)
+                diffused_sigma = torch.full((B,), float("nan"), dtype=torch.float64)
+            x_init, mapper = y, "input"
         guides = guides.to(self.device)
+        difface = self.cfg.start_convention == "difface"
         params = [DynParams.of(sig.tolist(), self.table, self.schedule, size, gamma=self.cfg.gamma,
-                               eta=self.cfg.eta, eta_scale=self.cfg.eta_scale, max_start=self.cfg.max_start)
+                               eta=self.cfg.eta, eta_scale=self.cfg.eta_scale, max_start=self.cfg.max_start,
+                               min_start=1 if difface else 0)
                   for sig in sigmas]
-        scale_map = (functools.partial(guidance_scale_map, sigma=self.cfg.scale_map_sigma,
-                                       floor=self.cfg.scale_map_floor) if self.cfg.scale_map
-                     else torch.ones((len(ids), 1, size, size), device=self.device))
-        x0 = dynamic_sample(self._network, self.schedule, y, guides, params, SeededNoise(seeds), scale_map=scale_map)
-        info = [{"sigma_est": float(sig[-1]) * REF_SIZE / size, "start_t": int(self.schedule.timestep_map[p.start]),
-                 "guide_sigmas": ",".join(f"{float(s) * REF_SIZE / size:.3f}" for s in sig), "eta": p.eta}
-                for sig, p in zip(sigmas, params)]
+        scale_map = step_scale_map = None
+        if not self.cfg.scale_map:
+            scale_map = torch.ones((B, 1, size, size), device=self.device)
+        elif self.step_scale_map is not None:
+            step_scale_map = self.step_scale_map
+        else:
+            scale_map = functools.partial(guidance_scale_map, sigma=self.cfg.scale_map_sigma,
+                                          floor=self.cfg.scale_map_floor)
+        x0 = dynamic_sample(self._network, self.schedule, x_init, guides, params, SeededNoise(seeds),
+                            scale_map=scale_map, step_scale_map=step_scale_map,
+                            convention=self.cfg.start_convention)
+        to_ref = REF_SIZE / size
+        info = [{"sigma_est": float(sig[-1]) * to_ref, "start_t": int(self.schedule.timestep_map[p.start]),
+                 "guide_sigmas": ",".join(f"{float(s) * to_ref:.3f}" for s in sig), "eta": p.eta,
+                 "blur_mapper": mapper, "diffused_sigma": float(d) * to_ref,
+                 "start_convention": self.cfg.start_convention, "scale_map": self.scale_map_identity}
+                for sig, p, d in zip(sigmas, params, diffused_sigma)]
         return x0, params, info
 
     def _enhance(self, x0: torch.Tensor) -> torch.Tensor:
@@ -217,8 +381,7 @@ class DynamicStage(NetworkHost):
         diffused = np.zeros((n, size, size, 3), np.uint8)
         restored = np.zeros((n, out_size, out_size, 3), np.uint8)
         omega = np.full(n, -1, np.int64)
-        cols: dict[str, list] = {"sigma_est": [np.nan] * n, "guide_sigmas": [""] * n, "start_t": [-1] * n,
-                                 "eta": [np.nan] * n}
+        cols = empty_info(n)
         if len(ok):
             x0, params, info = self.restore_float(batch["image"][ok], ids)
             diffused[ok] = to_uint8(x0)
@@ -229,14 +392,25 @@ class DynamicStage(NetworkHost):
                     cols[c][k] = info[j][c]
         batch["dr2"], batch["restored"], batch["omega"] = diffused, restored, omega
         batch["restore_method"] = np.array(["dynamic"] * n, dtype=object)
-        batch["sigma_est"] = np.array(cols["sigma_est"], np.float64)
-        batch["guide_sigmas"] = np.array(cols["guide_sigmas"], dtype=object)
-        batch["start_t"] = np.array(cols["start_t"], np.int64)
-        batch["eta"] = np.array(cols["eta"], np.float64)
+        batch.update(info_arrays(cols))
         batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
         batch["weights"] = np.array([self.weights] * n, dtype=object)
         batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
         return batch
+
+
+INFO_COLUMNS = {name: kind for name, kind in DYNAMIC_COLUMNS if name != "restore_method"}
+
+
+def empty_info(n: int) -> dict[str, list]:
+    """Per-row dynamic annotations of rows the sampler did not run (error rows, other methods)."""
+    return {c: ([-1] * n if t == pa.int64() else [np.nan] * n if t == pa.float64() else [""] * n)
+            for c, t in INFO_COLUMNS.items()}
+
+
+def info_arrays(cols: dict[str, list]) -> dict[str, np.ndarray]:
+    return {c: np.array(v, np.int64 if INFO_COLUMNS[c] == pa.int64() else np.float64
+                        if INFO_COLUMNS[c] == pa.float64() else object) for c, v in cols.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +421,8 @@ def is_dynamic(method: dict) -> bool:
 
 
 def parse_methods_with_dynamic(methods: list[dict]) -> list[dict]:
-    """parse_methods for the DR2/input methods, plus dynamic methods {name, dynamic: true, enhancer?}; order kept."""
+    """parse_methods for the DR2/input methods, plus dynamic methods {name, dynamic: true, enhancer?, diffuse?};
+    order kept. diffuse overrides dynamic.diffuse for that method (e.g. dyn and dyn_raw side by side)."""
     plain = parse_methods([m for m in methods if not is_dynamic(m)])
     it = iter(plain)
     out, seen = [], {m["name"] for m in plain}
@@ -256,11 +431,14 @@ def parse_methods_with_dynamic(methods: list[dict]) -> list[dict]:
             out.append(next(it))
             continue
         m = dict(m)
-        unknown = set(m) - {"name", "dynamic", "enhancer"}
+        unknown = set(m) - {"name", "dynamic", "enhancer", "diffuse"}
         if unknown or "name" not in m or m["dynamic"] is not True:
-            raise ValueError(f"a dynamic method is {{name, dynamic: true, enhancer}}, got {m}")
+            raise ValueError(f"a dynamic method is {{name, dynamic: true, enhancer, diffuse}}, got {m}")
         if m["name"] in seen:
             raise ValueError(f"duplicate method name {m['name']!r}")
+        if m.get("diffuse", "auto") not in DIFFUSE_MODES:
+            raise ValueError(f"method {m['name']!r}: diffuse must be one of {', '.join(DIFFUSE_MODES)}, "
+                             f"got {m['diffuse']!r}")
         seen.add(m["name"])
         m.setdefault("enhancer", "none")
         out.append(m)
@@ -271,45 +449,71 @@ def has_dynamic(methods: list[dict]) -> bool:
     return any(is_dynamic(m) for m in methods)
 
 
+def check_dynamic_methods(methods: list[dict], dynamic: DynamicConfig, dr2: DR2Config | None) -> None:
+    """On the driver: every dynamic method's diffuse resolves (ValueError naming the option otherwise)."""
+    for m in parse_methods_with_dynamic(methods):
+        if is_dynamic(m):
+            resolve_diffuse(dynamic, dr2, m.get("diffuse"))
+
+
 class DynamicBenchmarkStage(BenchmarkStage):
-    """BenchmarkStage plus dynamic methods: the dynamic sampler runs once per batch (shared by every dynamic
-    method, whatever its enhancer); its rows carry omega = the respaced start and the prior's weights."""
+    """BenchmarkStage plus dynamic methods: the dynamic sampler runs once per batch and distinct diffuse
+    value (shared by the dynamic methods that differ only in their enhancer); their rows carry omega = the
+    respaced start, the networks' weights and the per-sample dynamic annotations (mapper, blur levels)."""
 
     def __init__(self, methods: list[dict], dynamic: DynamicConfig, dr2, enhancer: EnhancerConfig,
                  metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,
                  storage_options: dict | None = None):
         methods = parse_methods_with_dynamic(methods)
-        self.dyn = DynamicStage(dynamic, None, runtime, seed, storage_options)
+        dynamic_methods = [m for m in methods if is_dynamic(m)]
+        self.dynamic_stage = DynamicStage(dynamic, None, runtime, seed, storage_options, dr2=dr2,
+                                          diffuse_modes=[self._diffuse(m, dynamic) for m in dynamic_methods])
         super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
-                         model_size, storage_options, device=self.dyn.device)
+                         model_size, storage_options, device=self.dynamic_stage.device)
         self.methods = methods
-        self._add_enhancers({m["enhancer"] for m in methods if is_dynamic(m)}, enhancer, storage_options)
-        self._starts: list[int] = []
+        self._add_enhancers({m["enhancer"] for m in dynamic_methods}, enhancer, storage_options)
+        self._results: dict[str, tuple[list[DynParams], list[dict]]] = {}
+
+    @staticmethod
+    def _diffuse(method: dict, dynamic: DynamicConfig) -> str:
+        return method.get("diffuse", dynamic.diffuse)
+
+    def _mode(self, method: dict) -> str:
+        """The resolved mapper of a dynamic method (auto and its value share one chain)."""
+        return self.dynamic_stage.modes[self._diffuse(method, self.dynamic_stage.cfg)]
 
     def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
         outs = super()._method_outputs(batch, ok)  # dynamic methods come back as the LQ (no N): replaced here
-        dyn = [m for m in self.methods if is_dynamic(m)]
-        if not dyn:
-            return outs
         gt_size = batch["image"].shape[1]
         ids = [str(batch["id"][k]) for k in ok]
-        x0, params, _ = self.dyn.restore_float(batch["lq_pixels"][ok], ids)
-        self._starts = [p.start for p in params]
-        for m in dyn:
-            outs[m["name"]] = self._finish(x0, m["enhancer"], gt_size)
+        sampled: dict[str, torch.Tensor] = {}
+        for m in self.methods:
+            if not is_dynamic(m):
+                continue
+            mode = self._mode(m)
+            if mode not in sampled:
+                x0, params, info = self.dynamic_stage.restore_float(batch["lq_pixels"][ok], ids,
+                                                                    self._diffuse(m, self.dynamic_stage.cfg))
+                sampled[mode] = x0
+                self._results[mode] = (params, info)
+            outs[m["name"]] = self._finish(sampled[mode], m["enhancer"], gt_size)
         return outs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._starts = []
+        self._results = {}
         out = super().__call__(batch)
         n = len(batch["id"])
         ok = np.flatnonzero(batch["status"] == "ok")
-        start = np.full(n, -1, np.int64)
-        if self._starts:
-            start[ok] = self._starts
+        cols = empty_info(n * len(self.methods))
         for j, m in enumerate(self.methods):
-            if is_dynamic(m):
-                rows = slice(j * n, (j + 1) * n)
-                out["omega"][rows] = start
-                out["weights"][rows] = f"{self.dyn.weights}+{self.enhancers[m['enhancer']][2]}"
+            if not is_dynamic(m):
+                continue
+            rows = slice(j * n, (j + 1) * n)
+            out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']][2]}"
+            params, info = self._results.get(self._mode(m), ([], []))
+            for p, row, k in zip(params, info, ok):
+                out["omega"][j * n + k] = p.start
+                for c in cols:
+                    cols[c][j * n + k] = row[c]
+        out.update(info_arrays(cols))
         return out

@@ -162,7 +162,7 @@ class PhotoRestore:
     """
 
     ANNOTATIONS = ("seed", "weights", "omega", "enhancer_weights", "restore_method", "sigma_est", "guide_sigmas",
-                   "start_t", "eta")
+                   "start_t", "eta", "blur_mapper", "diffused_sigma", "start_convention", "scale_map")
 
     def __init__(self, stage_cls, stage_kwargs: dict, chunk: int):
         self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))

@@ -36,3 +36,19 @@ class CentreFaceDetector:
             out.append([self._face(0.0, 0.0, side / 4, 0.3),
                         self._face((w - side) / 2, (h - side) / 2, side, self.score)])
         return out
+
+
+class TinyGuidanceScaleNet(torch.nn.Module):
+    """A learned per-step guidance scale map (the shape of DynFaceRestore's DGSA): (guides (B,G,C,H,W),
+    clipped x0-hat (B,C,H,W), original timesteps (B,)) -> per-pixel scale (B,1,H,W) in (0, 1)."""
+
+    def __init__(self, guides: int = 3, channels: int = 3, hidden: int = 4):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(channels * (guides + 1) + 1, hidden, 3, padding=1)
+        self.out = torch.nn.Conv2d(hidden, 1, 3, padding=1)
+
+    def forward(self, guides: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B, G, C, H, W = guides.shape
+        t_plane = (t.float() / 1000).reshape(B, 1, 1, 1).expand(B, 1, H, W)
+        h = torch.cat([guides.reshape(B, G * C, H, W), x0, t_plane], 1)
+        return torch.sigmoid(self.out(torch.relu(self.inp(h))))

@@ -36,6 +36,45 @@ def test_sections_split_like_guided_diffusion():
     assert len(kept) == 15 and kept[0] == 0 and kept[9] == 499 and kept[10] == 500 and kept[-1] == 999
 
 
+def _accumulated(num_timesteps: int, counts: list[int]) -> list[int]:
+    """guided-diffusion's section walk, written out independently: an integer split into sections, then a
+    float position advanced by the fractional stride and rounded half to even at every kept step."""
+    kept, begin = [], 0
+    for k, count in enumerate(counts):
+        size = num_timesteps // len(counts) + (k < num_timesteps % len(counts))
+        step = (size - 1) / (count - 1) if count > 1 else 1
+        at = 0.0
+        for _ in range(count):
+            kept.append(begin + round(at))
+            at = at + step
+        begin += size
+    return sorted(set(kept))
+
+
+def test_every_single_section_count_matches_guided_diffusion_accumulation():
+    multiplied = 0
+    for count in range(1, 1001):
+        want = _accumulated(1000, [count])
+        got = space_timesteps(1000, str(count))
+        assert got == want, count
+        assert len(got) == count and got[0] == 0 and (count == 1 or got[-1] == 999)
+        stride = (999 / (count - 1)) if count > 1 else 1
+        multiplied += got != sorted({round(stride * j) for j in range(count)})
+    # the accumulation is not round(stride * j): it keeps another step for 278 counts (e.g. 21, 23, 43, 61)
+    assert multiplied == 278
+    assert space_timesteps(1000, "21")[10] == 499  # 10 * 49.95 = 499.5 -> 500, but ten additions -> 499
+
+
+@pytest.mark.parametrize("counts", ["25,25", "10,5", "7,13,29", "1,1,1", "333,333,333", "50,100,200,250"])
+def test_multi_section_counts_match_guided_diffusion_accumulation(counts):
+    want = _accumulated(1000, [int(c) for c in counts.split(",")])
+    assert space_timesteps(1000, counts) == want
+    assert space_timesteps(1000, [int(c) for c in counts.split(",")]) == want
+    if counts == "25,25":  # the multiplied form keeps another step here (499 / 24 * 12 = 249.5 -> 250 vs 249)
+        multiplied = sorted({b + round(499 / 24 * j) for b in (0, 500) for j in range(25)})
+        assert multiplied != want
+
+
 def test_tables_equal_reference(ref):
     s = dr2_schedule()
     np.testing.assert_array_equal(s.timestep_map, ref["timestep_map"])

@@ -22,13 +22,13 @@ from models.dynamic import (
     noise_to_signal,
 )
 from models.guidance import blur
-from models.noise import SeededNoise
+from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel
 from tasks.dr2_stage import RuntimeConfig
 from tasks.images import resize_to
 from tasks.manifest import read_manifest
 from tests.helpers import randomize_parameters, tiny_unet
-from tests.vectors import VECTORS, config
+from tests.vectors import VECTORS, config, vector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -232,6 +232,122 @@ def test_tiny_difface_prior_on_the_ddim250_grid():
     assert counted.timesteps == [[12], [8], [4, 4], [0, 0]]  # DifFace's t = 4k, per-sample starts
 
 
+class ReplayDifFaceDraws:
+    """The recorded DifFace run's draws: "init" at the diffused index N is q_noise, ("z", i) is z_{i - shift}
+    (shift 1: the same draws in the same order for a chain whose steps are one index higher)."""
+
+    def __init__(self, vec: dict, shift: int = 0):
+        self.vec, self.shift, self.asked = vec, shift, []
+
+    def __call__(self, kind, step, rows, like):
+        self.asked.append((kind, step))
+        key = "q_noise" if kind == "init" else f"z_{step - self.shift}"
+        assert kind in ("init", "z") and (kind == "z" or step == int(self.vec["N"])), (kind, step)
+        return torch.from_numpy(self.vec[key]).expand(like.shape).clone()
+
+
+class RecordingModel(Counting):
+    """Counting, and the state each call received."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.inputs = []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        return super().__call__(x, t)
+
+
+@pytest.fixture(scope="module")
+def difface_tiny_net():
+    model = _tiny_difface()
+    model.load_state_dict(torch.load(VECTORS / "tiny_difface_unet_state_dict.pt", weights_only=True), strict=True)
+    return model.eval()
+
+
+DIFFACE_LOOPS = ["difface_ddim_loop_ddim250_s100_eta0.npz", "difface_ddim_loop_ddim250_s100_eta05.npz",
+                 "difface_ddim_loop_ddim250_s37_eta05.npz"]
+
+
+@pytest.mark.parametrize("name", DIFFACE_LOOPS)
+@torch.inference_mode()
+def test_difface_convention_reproduces_difface_recorded_loop(name, difface_tiny_net):
+    """DifFace's sample_func_ir_aligned core (guidance off) replayed from its recorded draws: x_start
+    bit-identical, the network's timesteps exactly (first call at N - 1), the result to float precision."""
+    vec = vector(name)
+    N, eta = int(vec["N"]), float(vec["eta"])
+    y = torch.from_numpy(vec["y"])
+    no_guides = y.new_zeros((1, 0) + tuple(y.shape[1:]))
+    model, draws = RecordingModel(difface_tiny_net), ReplayDifFaceDraws(vec)
+    out = dynamic_sample(model, DDIM250, y, no_guides, [DynParams(start=N, eta=eta)], draws, convention="difface")
+    assert torch.equal(model.inputs[0], torch.from_numpy(vec["x_start"]))  # q_sample to index N, float32 coefs
+    assert [t[0] for t in model.timesteps] == vec["timesteps"].tolist()  # 4(N-1), ..., 4, 0
+    assert len(model.timesteps) == N == dynamic_model_calls([DynParams(start=N)], "difface")
+    # the draws actually used: q_noise and, for eta > 0, z_{N-1} .. z_1 (z_0 is multiplied by 0 in DifFace)
+    assert draws.asked == [("init", N)] + ([("z", i) for i in range(N - 1, 0, -1)] if eta > 0 else [])
+    torch.testing.assert_close(model.inputs[1], torch.from_numpy(vec["x_first"]), rtol=0, atol=1e-5)
+    err = (out - torch.from_numpy(vec["out"])).abs().max().item()
+    assert err <= 1e-5, err
+    # the project's convention (first call at the diffused index) is NOT DifFace's: it misses by far more
+    other = dynamic_sample(difface_tiny_net, DDIM250, y, no_guides, [DynParams(start=N, eta=eta)],
+                           ReplayDifFaceDraws(vec, shift=1))
+    assert (other - torch.from_numpy(vec["out"])).abs().max().item() > 1e-2
+
+
+@torch.inference_mode()
+def test_per_step_scale_map_is_evaluated_at_every_guided_step(net):
+    from models.guidance import apply_scale_map, closed_form_guidance
+    from tests.plugins import TinyGuidanceScaleNet
+
+    x, guides = _inputs(3, seed=4)
+    params = [_params(5, eta=0.2), _params(2), _params(3, gamma=0.0)]
+    calls = []
+
+    def ones(g, x0, t):
+        calls.append((g.shape[0], t.tolist()))
+        return torch.ones_like(x0[:, :1])
+
+    plain = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), scale_map=torch.ones(3, 1, 32, 32))
+    stepped = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), step_scale_map=ones)
+    assert torch.equal(plain, stepped)  # a map of ones at every step is plain closed-form guidance
+    # one call per guided row and step (rows one at a time on CPU), at the step's original timestep
+    want = [(1, [4 * i]) for i in range(5, -1, -1) for b in (0, 1) if i <= params[b].start]
+    assert calls == want
+    # at start 0 the map sees (the sample's guides, its unguided clipped x0-hat, t = 0)
+    dgsa = TinyGuidanceScaleNet(guides=2).eval()
+    seen = []
+
+    def spy(g, x0, t):
+        seen.append((g, x0, t))
+        return dgsa(g, x0, t)
+
+    p = _params(0)
+    out = dynamic_sample(net, DDIM250, x[:1], guides[:1], [p], SeededNoise([5]), step_scale_map=spy)
+    step = torch.zeros(1, dtype=torch.long)
+    xt = DDIM250.q_sample(x[:1], step, SeededNoise([5])("init", 0, [0], x[:1]))
+    x0 = DDIM250.predict_x0(xt, step, net(xt, step)[:, :3]).clamp(-1, 1)
+    assert torch.equal(seen[0][0], guides[:1]) and torch.equal(seen[0][1], x0) and seen[0][2].tolist() == [0]
+    X = closed_form_guidance(x0, guides[:1], torch.tensor([p.sigmas], dtype=torch.float64), [[0.5, 0.5]])
+    assert torch.equal(out, apply_scale_map(x0, X, dgsa(guides[:1], x0, step)).clamp(-1, 1))
+    # batched equals alone with the learned map too
+    batch = dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), step_scale_map=dgsa)
+    for b in range(3):
+        alone = dynamic_sample(net, DDIM250, x[b:b + 1], guides[b:b + 1], [params[b]], SeededNoise([b + 1]),
+                               step_scale_map=dgsa)
+        assert torch.equal(batch[b:b + 1], alone)
+    with pytest.raises(ValueError, match="not both"):
+        dynamic_sample(net, DDIM250, x, guides, params, SeededNoise([1, 2, 3]), scale_map=torch.ones(3, 1, 32, 32),
+                       step_scale_map=dgsa)
+
+
+def test_difface_convention_needs_a_start_of_at_least_one(net):
+    x, guides = _inputs(1)
+    with pytest.raises(ValueError, match="start >= 1"):
+        dynamic_sample(net, DDIM250, x, guides, [_params(0)], SeededNoise([1]), convention="difface")
+    with pytest.raises(ValueError, match="convention must be one of"):
+        dynamic_sample(net, DDIM250, x, guides, [_params(2)], SeededNoise([1]), convention="ddpm")
+
+
 class FakeDBLM(torch.nn.Module):
     """A 'learned' blur-level mapping: guides = the input blurred at two fixed levels."""
 
@@ -261,6 +377,188 @@ def test_learned_dblm_plugin_loads_its_weights(tmp_path):
         build_estimator(DynamicConfig(estimator="tests.test_dynamic:FakeDBLM"), torch.device("cpu"))
 
 
+class SpySample:
+    """Wraps tasks.dynamic_stage.dynamic_sample: records what each call diffused, its guides and options."""
+
+    def __init__(self):
+        from tasks import dynamic_stage
+
+        self.real, self.calls = dynamic_stage.dynamic_sample, []
+
+    def __call__(self, model, schedule, x_init, guides, params, noise, **kw):
+        self.calls.append(dict(x_init=x_init.clone(), guides=guides.clone(), params=list(params), **kw))
+        return self.real(model, schedule, x_init, guides, params, noise, **kw)
+
+
+def _lq_batch(n: int = 2, size: int = 32) -> tuple[list[str], np.ndarray]:
+    _, x = _faces(64)
+    hq = ((x[:n] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    lq = np.stack([resize_to(cv2.GaussianBlur(im, (0, 0), 1.5), size) for im in hq])
+    return [f"s{k}" for k in range(n)], lq
+
+
+@pytest.fixture(scope="module")
+def tiny_stage():
+    from tasks.dynamic_stage import DynamicConfig, DynamicStage
+
+    cfg = DynamicConfig(prior="tiny", allow_random_weights=True, max_start=4)
+    return DynamicStage(cfg, None, CPU, seed=3, diffuse_modes=["auto", "input"])
+
+
+@torch.inference_mode()
+def test_dynamic_stage_diffuses_dr2_x0hat_by_default_and_the_input_only_when_asked(tiny_stage, monkeypatch):
+    from models.diffusion import dr2_schedule
+    from models.dr2 import DR2Params, dr2_sample
+    from models.noise import derive_seed
+    from tasks.dr2_stage import to_model_range
+
+    spy = SpySample()
+    monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
+    ids, lq = _lq_batch()
+    assert tiny_stage.modes == {"auto": "dr2", "input": "input"}
+    x0, params, info = tiny_stage.restore_float(lq, ids)
+    seeds = [sample_seed(3, i) for i in ids]
+    y = to_model_range(lq, torch.device("cpu"))
+    # default: DR2's x0-hat (the prior network, N=4, tau=22, draws derived apart from the chain's) is diffused
+    want = dr2_sample(tiny_stage._network, dr2_schedule(), y, [DR2Params.of(4, 22)] * 2,
+                      SeededNoise([derive_seed("dr2-estimate", s) for s in seeds]))
+    call = spy.calls[0]
+    assert torch.equal(call["x_init"], want) and not torch.equal(want, y)
+    # ... and the guides are it re-blurred at known levels: sigma_g = hypot(its blur, d_g)
+    est = tiny_stage.estimator.estimate(want)
+    scale = 32 / REF_SIZE
+    for b in range(2):
+        want_sig = [np.hypot(float(est[b]), d * scale) for d in (2.0, 1.0, 0.0)]
+        np.testing.assert_allclose(call["params"][b].sigmas, want_sig, rtol=1e-12)
+        torch.testing.assert_close(call["guides"][b, 0], blur(want[b:b + 1], 2.0 * scale)[0])
+        assert torch.equal(call["guides"][b, 2], want[b])
+        assert info[b]["blur_mapper"] == "dr2(N=4,tau=22,weights=random-init:tiny)"
+        assert info[b]["diffused_sigma"] == pytest.approx(float(est[b]) / scale)
+        assert info[b]["guide_sigmas"] == ",".join(f"{s / scale:.3f}" for s in want_sig)
+        assert info[b]["start_convention"] == "call-at-start" and info[b]["scale_map"] == "structure-tensor"
+    assert call["convention"] == "call-at-start" and callable(call["scale_map"])
+    # the raw input only on request
+    x0_raw, _, info_raw = tiny_stage.restore_float(lq, ids, "input")
+    assert torch.equal(spy.calls[1]["x_init"], y) and info_raw[0]["blur_mapper"] == "input"
+    assert not torch.equal(x0, x0_raw)
+    with pytest.raises(KeyError):
+        tiny_stage.restore_float(lq, ids, "dblm")  # not one of this actor's modes
+
+
+@torch.inference_mode()
+def test_dynamic_stage_difface_convention_and_a_separate_dr2_mapper(monkeypatch):
+    from models.diffusion import dr2_schedule
+    from models.dr2 import DR2Params, dr2_sample
+    from models.noise import derive_seed
+    from tasks.dr2_stage import DR2Config, to_model_range
+    from tasks.dynamic_stage import DynamicConfig, DynamicStage
+
+    spy = SpySample()
+    monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
+    cfg = DynamicConfig(prior="tiny-difface", allow_random_weights=True, max_start=0, start_convention="difface")
+    stage = DynamicStage(cfg, None, CPU, seed=0, dr2=DR2Config(architecture="tiny", allow_random_weights=True))
+    assert stage.weights == "random-init:tiny-difface+dr2=random-init:tiny"
+    ids, lq = _lq_batch()
+    counted = Counting(stage._network)
+    monkeypatch.setattr(stage, "_network", counted)
+    x0, params, info = stage.restore_float(lq, ids)
+    # max_start 0 is raised to 1 under the difface convention: one call, at index 0 (t = 0), per sample
+    assert [p.start for p in params] == [1, 1] and counted.timesteps == [[0, 0]]
+    assert spy.calls[0]["convention"] == "difface"
+    assert info[0]["blur_mapper"] == "dr2(N=4,tau=22,weights=random-init:tiny)"
+    assert info[0]["start_convention"] == "difface" and info[0]["start_t"] == 4
+    # the DR2 mapper is the tiny DR2 network, not the prior: its x0-hat is what the chain diffused
+    seeds = [derive_seed("dr2-estimate", sample_seed(0, i)) for i in ids]
+    want = dr2_sample(stage.dr2_host._network, dr2_schedule(), to_model_range(lq, torch.device("cpu")),
+                      [DR2Params.of(4, 22)] * 2, SeededNoise(seeds))
+    assert torch.equal(spy.calls[0]["x_init"], want)
+
+
+def test_diffuse_options_are_refused_in_one_line_naming_the_fix(caplog):
+    from tasks.dr2_stage import DR2Config
+    from tasks.dynamic_stage import DynamicConfig, resolve_diffuse
+
+    with pytest.raises(ValueError, match="dynamic.diffuse must be one of auto, dr2, dblm, input"):
+        DynamicConfig(diffuse="raw")
+    with pytest.raises(ValueError, match="dynamic.start_convention must be one of call-at-start, difface"):
+        DynamicConfig(start_convention="ddpm")
+    with pytest.raises(ValueError, match="dynamic.dr2_N / dynamic.dr2_tau"):
+        DynamicConfig(dr2_tau=150)
+    difface = DynamicConfig(prior="difface-512")
+    with pytest.raises(ValueError, match="--dr2.weights .* or choose --dynamic.diffuse input"):
+        resolve_diffuse(difface, DR2Config())
+    assert resolve_diffuse(difface, DR2Config(weights="/w/DR2_FFHQ.pkl")) == "dr2"
+    assert resolve_diffuse(difface, DR2Config(), "input") == "input"
+    with pytest.raises(ValueError, match="needs a learned DBLM"):
+        resolve_diffuse(DynamicConfig(), None, "dblm")
+    learned = DynamicConfig(estimator="tests.test_dynamic:FakeDBLM")
+    assert resolve_diffuse(learned, None) == "dblm"
+    with pytest.raises(ValueError, match="use dynamic.diffuse dblm"):
+        resolve_diffuse(learned, None, "dr2")
+    from workflows.restore import main as restore  # refused on the driver, before Ray starts
+
+    assert restore(["--method", "dynamic", "--dynamic.prior", "difface-512", "--dynamic.allow-random-weights",
+                    "true", "--output", "/nonexistent/never-written"]) == 2
+    assert "dynamic.diffuse dr2 needs a DR2 network" in caplog.text
+
+
+@torch.inference_mode()
+def test_learned_dblm_output_is_diffused_and_guides(tmp_path, monkeypatch):
+    from tasks.dynamic_stage import DynamicConfig, DynamicStage
+
+    path = tmp_path / "dblm.pt"
+    torch.save({"gain": torch.full((1,), 1.0)}, path)
+    spy = SpySample()
+    monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
+    cfg = DynamicConfig(prior="tiny", allow_random_weights=True, max_start=3, estimator="tests.test_dynamic:FakeDBLM",
+                        estimator_weights=str(path))
+    stage = DynamicStage(cfg, None, CPU, seed=0)
+    ids, lq = _lq_batch()
+    _, _, info = stage.restore_float(lq, ids)
+    call = spy.calls[0]
+    assert stage.modes == {"auto": "dblm"} and call["guides"].shape[1] == 2
+    assert torch.equal(call["x_init"], call["guides"][:, -1])  # the sharpest blur-mapped image
+    assert info[0]["blur_mapper"].startswith("dblm(sha256:") and info[0]["diffused_sigma"] == pytest.approx(0.5 * 16)
+
+
+@torch.inference_mode()
+def test_learned_per_step_scale_map_plugin_through_the_stage(tmp_path, monkeypatch):
+    from tasks.dynamic_stage import DynamicConfig, DynamicStage
+    from tasks.weights import WeightsError
+    from tests.plugins import TinyGuidanceScaleNet
+
+    torch.manual_seed(5)
+    trained = TinyGuidanceScaleNet(guides=3)
+    path = tmp_path / "dgsa.pt"
+    torch.save(trained.state_dict(), path)
+    cfg = DynamicConfig(prior="tiny", allow_random_weights=True, max_start=3, diffuse="input",
+                        scale_map_net="tests.plugins:TinyGuidanceScaleNet", scale_map_weights=str(path),
+                        scale_map_kwargs={"guides": 3})
+    spy = SpySample()
+    monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
+    stage = DynamicStage(cfg, None, CPU, seed=0)
+    ids, lq = _lq_batch()
+    x0, params, info = stage.restore_float(lq, ids)
+    call = spy.calls[0]
+    assert call["scale_map"] is None and call["step_scale_map"] is stage.step_scale_map
+    assert info[0]["scale_map"].startswith("tests.plugins:TinyGuidanceScaleNet@sha256:")
+    assert "+dgsa=sha256:" in stage.weights
+    # the loaded weights are the file's (strict), and the chain equals the sampler run with that network
+    assert all(torch.equal(a, b) for a, b in zip(stage.step_scale_map.net.state_dict().values(),
+                                                 trained.state_dict().values()))
+    direct = spy.real(stage._network, stage.schedule, call["x_init"], call["guides"], params,
+                      SeededNoise([sample_seed(0, i) for i in ids]), step_scale_map=trained.eval())
+    assert torch.equal(x0, direct)
+    torch.save({"inp.weight": trained.inp.weight}, path)  # missing keys: refused (strict load)
+    with pytest.raises(WeightsError, match="3 missing"):
+        DynamicStage(cfg, None, CPU, seed=0)
+    prior_path = tmp_path / "prior.pt"  # a prior with weights, so the missing DGSA weights are what fails
+    torch.save(stage.model.state_dict(), prior_path)
+    with pytest.raises(RuntimeError, match="no weights for the DGSA map"):
+        DynamicStage(DynamicConfig(prior="tiny", weights=str(prior_path), diffuse="input",
+                                   scale_map_net="tests.plugins:TinyGuidanceScaleNet"), None, CPU, seed=0)
+
+
 def _tiny_faces(root: Path, n: int, size: int = 64) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     paths = sorted(SAMPLES.glob("*.png"))[:n]
@@ -286,6 +584,10 @@ def test_restore_workflow_with_method_dynamic(ray_local, tmp_path):
     assert ((df["omega"] >= 0) & (df["omega"] <= 6)).all() and (df["start_t"] == 4 * df["omega"]).all()
     assert df["N"].isna().all() and (df["enhancer_weights"] == "bicubic").all()
     assert all(len(s.split(",")) == 3 for s in df["guide_sigmas"])
+    # which mapper made the diffused image and the guides, at which blur levels, under which convention
+    assert (df["blur_mapper"] == "dr2(N=4,tau=22,weights=random-init:tiny)").all()
+    assert np.isfinite(df["diffused_sigma"]).all() and (df["start_convention"] == "call-at-start").all()
+    assert (df["scale_map"] == "structure-tensor").all()
     # the workflow's output is the stage's, a pure function of (seed, id)
     stage = DynamicStage(DynamicConfig(prior="tiny", allow_random_weights=True, max_start=6), None, CPU, seed=0)
     for i in ids:
@@ -300,18 +602,23 @@ def test_restore_workflow_with_method_dynamic(ray_local, tmp_path):
         assert got["omega"][k] == df.loc[i, "omega"]
 
 
-def test_benchmark_stage_runs_dynamic_methods():
+def test_benchmark_stage_runs_dynamic_methods_both_ways_side_by_side(monkeypatch):
     from tasks.benchmark_stage import MetricsConfig
     from tasks.dr2_stage import DR2Config
     from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, parse_methods_with_dynamic
     from tasks.restore_stage import EnhancerConfig
 
-    methods = [{"name": "input"}, {"name": "dyn", "dynamic": True}, {"name": "dyn+bicubic", "dynamic": True,
-                                                                      "enhancer": "bicubic"}]
+    methods = [{"name": "input"}, {"name": "dyn", "dynamic": True},
+               {"name": "dyn+bicubic", "dynamic": True, "enhancer": "bicubic", "diffuse": "dr2"},
+               {"name": "dyn_raw", "dynamic": True, "diffuse": "input"}]
     with pytest.raises(ValueError, match="dynamic method"):
         parse_methods_with_dynamic([{"name": "d", "dynamic": True, "N": 4}])
     with pytest.raises(ValueError, match="duplicate"):
         parse_methods_with_dynamic([{"name": "d"}, {"name": "d", "dynamic": True}])
+    with pytest.raises(ValueError, match="diffuse must be one of"):
+        parse_methods_with_dynamic([{"name": "d", "dynamic": True, "diffuse": "raw"}])
+    spy = SpySample()
+    monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
     stage = DynamicBenchmarkStage(methods, DynamicConfig(prior="tiny", allow_random_weights=True, max_start=3),
                                   DR2Config(), EnhancerConfig(name="bicubic", size=64),
                                   MetricsConfig(names=["psnr_rgb"]), CPU, seed=0, model_size=32)
@@ -321,10 +628,50 @@ def test_benchmark_stage_runs_dynamic_methods():
              "status": np.array(["ok", "ok"], dtype=object), "image": hq,
              "lq_pixels": np.stack([cv2.GaussianBlur(im, (0, 0), 1.5) for im in hq])}
     out = stage(batch)
-    assert list(out["method"]) == ["input"] * 2 + ["dyn"] * 2 + ["dyn+bicubic"] * 2
-    assert out["restored"].shape == (6, 64, 64, 3) and np.isfinite(out["psnr_rgb"]).all()
+    assert list(out["method"]) == ["input"] * 2 + ["dyn"] * 2 + ["dyn+bicubic"] * 2 + ["dyn_raw"] * 2
+    assert out["restored"].shape == (8, 64, 64, 3) and np.isfinite(out["psnr_rgb"]).all()
     assert list(out["omega"][:2]) == [-1, -1] and (out["omega"][2:] >= 0).all()
-    assert list(out["weights"][2:]) == ["random-init:tiny+none"] * 2 + ["random-init:tiny+bicubic"] * 2
+    assert list(out["weights"][2:]) == (["random-init:tiny+none"] * 2 + ["random-init:tiny+bicubic"] * 2
+                                        + ["random-init:tiny+none"] * 2)
+    # the sampler ran once per mapper: dyn (auto) and dyn+bicubic (dr2) share the DR2-mapped chain, dyn_raw its own
+    assert len(spy.calls) == 2
+    assert not torch.equal(spy.calls[0]["x_init"], spy.calls[1]["x_init"])
+    assert list(out["blur_mapper"]) == [""] * 2 + ["dr2(N=4,tau=22,weights=random-init:tiny)"] * 4 + ["input"] * 2
+    assert np.isnan(out["diffused_sigma"][:2]).all() and np.isfinite(out["diffused_sigma"][2:]).all()
+    assert all(len(g.split(",")) == 3 for g in out["guide_sigmas"][2:]) and list(out["start_t"][:2]) == [-1, -1]
+    assert not np.array_equal(out["restored"][2:4], out["restored"][6:8])  # the two ways differ
+    assert np.array_equal(out["restored"][2:4], stage._finish(spy.real(
+        stage.dynamic_stage._network, stage.dynamic_stage.schedule, spy.calls[0]["x_init"], spy.calls[0]["guides"],
+        spy.calls[0]["params"], SeededNoise([sample_seed(0, "a"), sample_seed(0, "b")]),
+        scale_map=spy.calls[0]["scale_map"]), "none", 64))
+
+
+def test_benchmark_workflow_runs_dyn_and_dyn_raw(ray_local, tmp_path):
+    from workflows.benchmark import main as benchmark
+
+    ids = _tiny_faces(tmp_path / "hq", 2)
+    out = tmp_path / "out"
+    methods = [{"name": "input"}, {"name": "dyn", "dynamic": True}, {"name": "dyn_raw", "dynamic": True,
+                                                                      "diffuse": "input"}]
+    args = ["--input", str(tmp_path / "hq"), "--output", str(out), "--allow-random-weights", "true",
+            "--dr2.architecture", "tiny", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
+            "--dynamic.max-start", "3", "--dynamic.size", "32", "--image.size", "64", "--enhancer.size", "64",
+            "--metrics.names", "[psnr_rgb]", "--runtime.device", "cpu",
+            "--runtime.batch-size", "2", "--cluster.block-rows", "2"]
+    assert benchmark(args + ["--methods", json.dumps(methods)]) == 0
+    df = read_manifest(str(out)).set_index(["method", "id"]).sort_index()
+    assert len(df) == 6 and (df["status"] == "ok").all() and np.isfinite(df["psnr_rgb"]).all()
+    for i in ids:
+        assert df.loc[("dyn", i), "blur_mapper"] == "dr2(N=4,tau=22,weights=random-init:tiny)"
+        assert df.loc[("dyn_raw", i), "blur_mapper"] == "input"
+        assert df.loc[("input", i), "blur_mapper"] in ("", None)
+        for m in ("dyn", "dyn_raw"):
+            row = df.loc[(m, i)]
+            assert row["start_convention"] == "call-at-start" and np.isfinite(row["diffused_sigma"])
+            assert len(row["guide_sigmas"].split(",")) == 3 and 0 <= row["omega"] <= 3
+    # main refuses an unresolvable diffuse on the driver, before Ray starts
+    bad = [{"name": "d", "dynamic": True, "diffuse": "dblm"}]
+    assert benchmark(args + ["--methods", json.dumps(bad)]) == 2
 
 
 def test_benchmark_config_accepts_dynamic_methods():

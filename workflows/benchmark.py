@@ -34,7 +34,13 @@ from tasks.benchmark_stage import (
 )
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, RuntimeConfig
-from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, has_dynamic, parse_methods_with_dynamic
+from tasks.dynamic_stage import (
+    DYNAMIC_COLUMNS,
+    DynamicBenchmarkStage,
+    DynamicConfig,
+    check_dynamic_methods,
+    has_dynamic,
+)
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
 from tasks.metrics import METRIC_NAMES
@@ -74,8 +80,9 @@ class BenchmarkConfig:
     methods: list[dict] = opt([{"name": "input"}, {"name": "dr2", "N": 4, "tau": 22, "enhancer": "none"},
                                {"name": "dr2+sparnethd", "N": 4, "tau": 22, "enhancer": "sparnethd"}],
                               "methods: {name, N, tau, enhancer}; without N the degraded input itself; enhancer "
-                              "none/bicubic or the configured enhancer.name; {name, dynamic: true, enhancer}: the "
-                              "dynamic method configured by dynamic.*")
+                              "none/bicubic or the configured enhancer.name; {name, dynamic: true, enhancer, "
+                              "diffuse}: the dynamic method configured by dynamic.*, diffuse overriding "
+                              "dynamic.diffuse (e.g. {name: dyn_raw, dynamic: true, diffuse: input} beside dyn)")
     image: ImageConfig = ImageConfig(size=512)
     degradation: DegradationConfig = DegradationConfig()
     dr2: DR2Config = DR2Config()
@@ -92,7 +99,8 @@ def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
     metrics = [(m, pa.float64()) for m in cfg.metrics.names if m != "fid" and m in METRIC_NAMES]
     degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
     return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
-            ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics]
+            ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics,
+            *(DYNAMIC_COLUMNS[1:] if has_dynamic(cfg.methods) else [])]
 
 
 def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
@@ -123,7 +131,11 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
 
 def main(argv: list[str] | None = None) -> int:
     cfg: BenchmarkConfig = load_config(BenchmarkConfig, argv, __doc__, "benchmark")
-    parse_methods_with_dynamic(cfg.methods)
+    try:
+        check_dynamic_methods(cfg.methods, cfg.dynamic, cfg.dr2)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     so = cfg.storage_options or None
     weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:

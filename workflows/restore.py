@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
-from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig, DynamicStage
+from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.photo_stage import (
@@ -79,7 +79,9 @@ class RestoreConfig:
     seed: int = opt(0, "job seed: a sample's noise depends only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
     method: str = opt("dr2", "dr2: DR2 then the enhancer | dynamic: DynFaceRestore-style dynamic diffusion "
-                             "(blur estimate -> DSST start -> guided DDIM, see dynamic.*) then the enhancer")
+                             "(blur mapper (DR2's x0-hat by default, see dynamic.diffuse) -> DSST start -> guided "
+                             "DDIM, see dynamic.*; the README says which parts are the paper's and which are "
+                             "training-free substitutes) then the enhancer")
     topology: str = opt("shared", "shared: DR2 and the enhancer in one actor per GPU (no intermediate copy); "
                                   "separate: two actor pools (scale them independently)")
     image: ImageConfig = ImageConfig()
@@ -118,8 +120,8 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                    ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()["CPU"]) // 2)))
     ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(detector=ph.detector, align=align, storage_options=so),
                         batch_size=ph.batch_size, num_cpus=1, compute=detect_pool)
-    stage_cls, stage_kwargs = (DynamicStage, dict(dynamic=cfg.dynamic)) if dynamic else (RestoreStage,
-                                                                                       dict(dr2=cfg.dr2))
+    stage_cls, stage_kwargs = ((DynamicStage, dict(dynamic=cfg.dynamic, dr2=cfg.dr2)) if dynamic
+                               else (RestoreStage, dict(dr2=cfg.dr2)))
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
     ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
                                                                  chunk=cfg.runtime.batch_size),
@@ -150,8 +152,8 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                  compute=ray.data.ActorPoolStrategy(size=pool))
     if dynamic:  # one actor: estimator + dynamic sampler + enhancer (topology does not apply)
         ds = ds.map_batches(timed(DynamicStage), fn_constructor_kwargs=dict(
-            dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
-            num_gpus=gpus, **actor)
+            dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so,
+            dr2=cfg.dr2), num_gpus=gpus, **actor)
     elif cfg.topology == "shared":
         ds = ds.map_batches(timed(RestoreStage), fn_constructor_kwargs=dict(
             dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
@@ -188,6 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     weights = check_weights_exist(net.weights, so) if net.weights else None
     if cfg.enhancer.weights:
         check_weights_exist(cfg.enhancer.weights, so)
+    # the dynamic method's blur mapper: a DR2 network of its own unless the prior is one
+    separate_dr2 = False
+    if cfg.method == "dynamic":
+        try:
+            separate_dr2 = resolve_diffuse(cfg.dynamic, cfg.dr2) == "dr2" and cfg.dynamic.prior not in DR2_PRIORS
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+        for extra in (cfg.dr2.weights if separate_dr2 else None, cfg.dynamic.estimator_weights,
+                      cfg.dynamic.scale_map_weights):
+            if extra:
+                check_weights_exist(extra, so)
     if not weights and not net.allow_random_weights:
         if cfg.method == "dynamic":
             log.error("no dynamic prior weights configured: pass --dynamic.weights PATH_OR_URI (DR2_FFHQ.pkl for "
@@ -203,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary("restore", cfg.output, weights=weights or random_label, code_version=version,
                       config_hash=config_hash(cfg))
     net_name = "DYNAMIC PRIOR" if cfg.method == "dynamic" else "DR2"
-    random_parts = [p for p, w in ((net_name, weights), ("enhancer", cfg.enhancer.weights or
-                                                       cfg.enhancer.name in ("none", "bicubic"))) if not w]
+    random_parts = [p for p, w in ((net_name, weights), ("DR2 BLUR MAPPER", cfg.dr2.weights or not separate_dr2),
+                                   ("enhancer", cfg.enhancer.weights or cfg.enhancer.name in ("none", "bicubic")))
+                    if not w]
     if random_parts:
         warn_random(summary, f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are "
                              "NOT restorations. The manifest's weights columns say random-init.")
