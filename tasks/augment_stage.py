@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from tasks.config import Sampled, opt
+from tasks.faults import RetryConfig
 from tasks.write_stage import WriteImages
 
 
@@ -37,9 +38,10 @@ def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
 class BlurAndWrite(WriteImages):
     """Writes lq = blur_sigma(DR2 output) and, if configured, hq = the resized input."""
 
-    def __init__(self, output: str, write: WriteConfig, storage_options: dict | None = None):
+    def __init__(self, output: str, write: WriteConfig, storage_options: dict | None = None,
+                 retry: RetryConfig | None = None):
         images = {"lq": "dr2", "hq": "image"} if write.hq else {"lq": "dr2"}
-        super().__init__(output, images, write.png_compression, storage_options)
+        super().__init__(output, images, write.png_compression, storage_options, retry=retry)
 
     def pixels(self, batch: dict[str, np.ndarray], k: int, name: str) -> np.ndarray:
         rgb = super().pixels(batch, k, name)

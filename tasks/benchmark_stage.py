@@ -21,6 +21,7 @@ from models.noise import sample_seed
 from tasks.config import opt
 from tasks.degradation import degrade, draw_degradation
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, to_uint8
+from tasks.faults import TRANSIENT, TransientError
 from tasks.images import resize_to
 from tasks.manifest import ManifestWriter, manifest_prefix, shard_name
 from tasks.metrics import FIDStats, MetricSuite, fid_from_stats
@@ -208,7 +209,11 @@ class BenchmarkManifestWriter(ManifestWriter):
             pq.write_table(table, buf)
             uri = join_under(join_under(self.output, FID_DIR), shard_name(ids))
             fs, path = get_fs(uri, self.storage_options)
-            write_bytes(fs, path, buf.getvalue())
+            try:
+                write_bytes(fs, path, buf.getvalue(), self.retry)
+            except TransientError as e:  # features missing: none of these rows may be committed
+                batch = dict(batch, status=np.full(len(ids), TRANSIENT, dtype=object),
+                             error_kind=np.full(len(ids), e.kind, dtype=object))
         return super().__call__({k: v for k, v in batch.items() if k not in FEATURE_COLUMNS})
 
 

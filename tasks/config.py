@@ -143,6 +143,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def shown_config(cfg: Any) -> dict:
+    """The config as shown or hashed anywhere: secrets (storage-option credentials, URL userinfo) redacted."""
+    from tasks.storage import redact
+
+    return redact(to_dict(cfg))
+
+
 def _walk(cls: type, prefix: str = ""):
     for f in fields(cls):
         tp = _field_type(cls, f)
@@ -210,6 +217,6 @@ def load(cls: type, argv: list[str] | None, description: str, default_config: Pa
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     if print_only:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(shown_config(cfg), sort_keys=False))
         raise SystemExit(0)
     return cfg

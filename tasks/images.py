@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tasks.faults import SampleError
+
 __all__ = [
     "ImageError",
     "check_square",
@@ -25,8 +27,10 @@ __all__ = [
 ]
 
 
-class ImageError(ValueError):
-    """A per-sample input failure (bad bytes, wrong size, wrong shape)."""
+class ImageError(SampleError, ValueError):
+    """A per-sample input failure (bad bytes, wrong size, wrong shape); kind "decode" unless said."""
+
+    kind = "decode"
 
 
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -43,7 +47,7 @@ def _header(data: bytes, max_pixels: int, min_side: int) -> tuple[Image.Image, s
         m = re.search(r"\((\d+) pixels\)", str(e))
         claimed = f"{int(m.group(1)):,} pixels" if m else "more pixels than PIL allows"
         msg = f"image too large: header claims {claimed}, limit is {max_pixels:,} pixels"
-        raise ImageError(msg) from None
+        raise ImageError(msg, "too_large") from None
     except UnidentifiedImageError:
         raise ImageError(
             f"image format not recognised ({len(data)} bytes starting {data[:8]!r}); not an image?"
@@ -54,10 +58,10 @@ def _header(data: bytes, max_pixels: int, min_side: int) -> tuple[Image.Image, s
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(
-            f"image too large: {w}x{h} = {w * h:,} pixels, limit is {max_pixels:,} pixels ({fmt})"
+            f"image too large: {w}x{h} = {w * h:,} pixels, limit is {max_pixels:,} pixels ({fmt})", "too_large"
         )
     if min(w, h) < min_side:
-        raise ImageError(f"image too small: {w}x{h}, each side must be at least {min_side} px ({fmt})")
+        raise ImageError(f"image too small: {w}x{h}, each side must be at least {min_side} px ({fmt})", "too_small")
     return img, fmt
 
 
@@ -152,7 +156,7 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 1
             notes.append(f"EXIF orientation {orientation} applied")
     h, w = rgb.shape[:2]
     if min(w, h) < min_side:  # header and decoder can disagree for odd formats
-        raise ImageError(f"image too small: {w}x{h}, each side must be at least {min_side} px ({fmt})")
+        raise ImageError(f"image too small: {w}x{h}, each side must be at least {min_side} px ({fmt})", "too_small")
     info = {
         "format": fmt,
         "width": w,
@@ -181,7 +185,8 @@ def check_square(rgb: np.ndarray, *, policy: str = "error") -> np.ndarray:
     if h == w:
         return rgb
     if policy == "error":
-        raise ImageError(f"expected a square aligned face, got {w}x{h} (set non_square=center_crop to crop)")
+        raise ImageError(f"expected a square aligned face, got {w}x{h} (set non_square=center_crop to crop)",
+                         "not_square")
     if policy == "center_crop":
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
@@ -23,8 +24,9 @@ PER_SAMPLE_COLUMNS = ("N", "tau")
 
 @dataclass
 class Listing:
-    samples: pd.DataFrame   # columns: id, source, stem, key_error (+ N, tau when a list gives them)
+    samples: pd.DataFrame   # columns: id, source, stem, key_error, key_error_kind (+ N, tau from a list)
     ignored: int            # files skipped for their extension
+    duplicates: int = 0     # list rows dropped for repeating an id
 
 
 def _protocol_prefix(fs, uri: str) -> str:
@@ -70,22 +72,33 @@ def list_inputs(spec: str, storage_options: dict | None = None,
         ignored = len(files) - len(keep)
         df = pd.DataFrame({"id": [posixpath.relpath(f, root) for f in keep],
                            "source": [prefix + f for f in keep]})
-    if df["id"].duplicated().any():
-        dup = df["id"][df["id"].duplicated()].iloc[0]
-        raise ValueError(f"input ids must be unique; {dup!r} appears more than once in {spec}")
+    duplicates = int(df["id"].duplicated().sum())
+    if duplicates:  # a list naming a sample twice: process it once, say how many rows were dropped
+        log.warning("%d input rows repeat an id already listed in %s (e.g. %r): each id is processed once",
+                    duplicates, spec, df["id"][df["id"].duplicated()].iloc[0])
+        df = df[~df["id"].duplicated()]
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
-    stems, errors = [], []
-    for sid in df["id"]:
+    df["stem"], df["key_error"], df["key_error_kind"] = output_stems(df["id"].tolist())
+    return Listing(df, ignored, duplicates)
+
+
+def output_stems(ids: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(stem, key_error, key_error_kind) per id. An output is <folder>/<stem>.png: the id without its
+    extension, or the whole id where several inputs share a stem (a.png and a.jpg -> a.png.png, a.jpg.png),
+    so that neither wins and the names do not depend on listing order. Unsafe ids get an error instead."""
+    plain = [_output_stem(i) for i in ids]
+    shared = {s for s, n in Counter(plain).items() if n > 1}
+    taken: set[str] = set()
+
+    def one(sid: str, stem: str) -> tuple[str, str, str]:
         try:
-            stems.append(join_under("x", _output_stem(sid))[2:])  # validated relative stem
-            errors.append("")
+            stem = join_under("x", sid if stem in shared else stem)[2:]  # validated relative stem
         except ValueError as e:
-            stems.append("")
-            errors.append(f"unsafe output key derived from id {sid!r}: {e}")
-    df["stem"], df["key_error"] = stems, errors
-    # Two inputs that differ only in extension would write the same output: the first (by id) wins.
-    clash = df["stem"].ne("") & df["stem"].duplicated(keep="first")
-    df.loc[clash, "key_error"] = [f"output name {s}.png is already taken by another input with the same stem"
-                                  for s in df.loc[clash, "stem"]]
-    df.loc[clash, "stem"] = ""
-    return Listing(df, ignored)
+            return "", f"unsafe output key derived from id {sid!r}: {e}", "unsafe_key"
+        if stem in taken:  # only a contrived id set gets here (a.png, a.jpg and a literal a.png.png)
+            return "", f"output name {stem}.png is already taken by another input", "duplicate_name"
+        taken.add(stem)
+        return stem, "", ""
+
+    rows = [one(sid, stem) for sid, stem in zip(ids, plain)]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]

@@ -14,8 +14,9 @@ import numpy as np
 
 from models.noise import derive_seed
 from tasks.config import Sampled, opt
-from tasks.images import ImageError, decode_image, prepare_face
-from tasks.storage import get_fs
+from tasks.faults import RetryConfig, SampleError, row_failure
+from tasks.images import decode_image, prepare_face
+from tasks.storage import read_sources
 
 
 @dataclass(frozen=True)
@@ -34,25 +35,14 @@ def draw_params(job_seed: int, sample_id: str, specs: dict[str, Sampled]) -> dic
             for name, spec in specs.items()}
 
 
-def read_sources(sources: list[str], storage_options: dict | None) -> list[bytes | Exception]:
-    """Fetch many objects at once (s3fs/gcsfs fetch concurrently); failures come back as values."""
-    if not sources:
-        return []
-    fs, _ = get_fs(sources[0], storage_options)
-    paths = [get_fs(s, storage_options)[1] for s in sources]
-    got = fs.cat(paths, on_error="return")
-    if not isinstance(got, dict):  # a single path comes back as bytes
-        got = {paths[0]: got}
-    return [got.get(p, FileNotFoundError(p)) for p in paths]
-
-
 class LoadFaces:
-    """Ray Data batch function: (id, source, stem, key_error) -> + image, status, error, params."""
+    """Ray Data batch function: (id, source, stem, key_error, key_error_kind) -> + image, status, error_kind,
+    error, src_*, params."""
 
     def __init__(self, image: ImageConfig, specs: dict[str, Sampled], job_seed: int,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, retry: RetryConfig | None = None):
         self.image, self.specs, self.job_seed = image, specs, int(job_seed)
-        self.storage_options = storage_options
+        self.storage_options, self.retry = storage_options, retry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size = self.image.size
@@ -61,7 +51,7 @@ class LoadFaces:
             rgb, info = decode_image(raw, max_pixels=self.image.max_pixels, min_side=self.image.min_side)
             return prepare_face(rgb, size, self.image.non_square), info
 
-        pixels, out = load_rows(batch, decode, self.storage_options)
+        pixels, out = load_rows(batch, decode, self.storage_options, self.retry)
         images = np.zeros((len(pixels), size, size, 3), dtype=np.uint8)
         for k, face in enumerate(pixels):
             if face is not None:
@@ -72,35 +62,38 @@ class LoadFaces:
 
 
 def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.ndarray, dict]],
-              storage_options: dict | None) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
+              storage_options: dict | None, retry: RetryConfig | None = None
+              ) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
     """Read every row's source and decode it: (pixels per row, None where it failed; the batch plus status,
-    error and src_* columns). A bad input is its row's error, with the reason; the batch never fails on one."""
+    error_kind, error and src_* columns). A bad input is its row's error with its kind; a read that failed
+    on every retry is "transient" (never committed); the batch never fails on one sample."""
     n = len(batch["id"])
     pixels: list[np.ndarray | None] = [None] * n
-    status, error = ["ok"] * n, [""] * n
+    status, kind, error = ["ok"] * n, [""] * n, [""] * n
     fmt, conv = [""] * n, [""] * n
     width, height = np.zeros(n, np.int64), np.zeros(n, np.int64)
     todo = [k for k in range(n) if not batch["key_error"][k]]
     for k in range(n):
         if batch["key_error"][k]:
-            status[k], error[k] = "error", str(batch["key_error"][k])
-    data = read_sources([str(batch["source"][k]) for k in todo], storage_options)
+            status[k], kind[k], error[k] = "error", str(batch["key_error_kind"][k]), str(batch["key_error"][k])
+    data = read_sources([str(batch["source"][k]) for k in todo], storage_options, retry)
     for k, raw in zip(todo, data):
         try:
             if isinstance(raw, Exception):
-                raise ImageError(f"cannot read {batch['source'][k]}: {type(raw).__name__}: {raw}")
+                status[k], kind[k], error[k] = row_failure(raw, "read")
+                error[k] = f"cannot read {batch['source'][k]}: {error[k]}"
+                continue
             rgb, info = decode(raw)
             fmt[k], conv[k] = info["format"], info["converted"]
             width[k], height[k] = info["width"], info["height"]
             pixels[k] = rgb
-        except ImageError as e:
-            status[k], error[k] = "error", str(e)
-        except Exception as e:  # an unexpected decoder failure is still one sample's problem
-            status[k], error[k] = "error", f"{type(e).__name__}: {e}"
+        except Exception as e:  # a decoder failure, expected (ImageError) or not, is still one sample's problem
+            status[k], kind[k], error[k] = "error", getattr(e, "kind", "decode"), (
+                str(e) if isinstance(e, SampleError) else f"{type(e).__name__}: {e}")
     out = dict(batch)
-    out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
-               src_format=np.array(fmt, dtype=object), src_converted=np.array(conv, dtype=object),
-               src_width=width, src_height=height)
+    out.update(status=np.array(status, dtype=object), error_kind=np.array(kind, dtype=object),
+               error=np.array(error, dtype=object), src_format=np.array(fmt, dtype=object),
+               src_converted=np.array(conv, dtype=object), src_width=width, src_height=height)
     return pixels, out
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.faults import TRANSIENT, RetryConfig, TransientError, retry_call
 from tasks.storage import get_fs, join_under, write_bytes
 from tasks.weights import RANDOM_INIT
 
@@ -33,8 +34,9 @@ SUMMARY_FILE = "_summary.json"
 BASE_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("source", pa.string()),
-    ("status", pa.string()),          # "ok" or "error"
-    ("error", pa.string()),           # the reason, for status "error"
+    ("status", pa.string()),          # "ok" or "error" (a "transient" failure is never committed)
+    ("error_kind", pa.string()),      # the cause, for status "error": one of tasks.faults.ERROR_KINDS
+    ("error", pa.string()),           # the reason in words, for status "error"
     ("src_format", pa.string()),
     ("src_width", pa.int64()),
     ("src_height", pa.int64()),
@@ -61,13 +63,14 @@ def shard_name(ids: Iterable[str]) -> str:
     return f"part-{h.hexdigest()}.parquet"
 
 
-def write_shard(table: pa.Table, output: str, storage_options: dict | None = None) -> str:
-    """Write one manifest shard atomically; returns its URI."""
+def write_shard(table: pa.Table, output: str, storage_options: dict | None = None,
+                retry: RetryConfig | None = None, name: str | None = None) -> str:
+    """Write one manifest shard atomically (retrying transient failures); returns its URI."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    uri = join_under(manifest_prefix(output), shard_name(table.column("id").to_pylist()))
+    uri = join_under(manifest_prefix(output), name or shard_name(table.column("id").to_pylist()))
     fs, path = get_fs(uri, storage_options)
-    write_bytes(fs, path, buf.getvalue())
+    write_bytes(fs, path, buf.getvalue(), retry)
     return uri
 
 
@@ -84,24 +87,59 @@ def _shard_paths(output: str, storage_options: dict | None) -> tuple[object, lis
     return fs, sorted(paths)
 
 
-def read_manifest(output: str, storage_options: dict | None = None, columns: list[str] | None = None
-                  ) -> pd.DataFrame:
-    """All committed rows; a row that appears in several shards (a retry) keeps its latest version."""
+def _read_shards(output: str, storage_options: dict | None, columns: list[str] | None) -> list[pd.DataFrame]:
     fs, paths = _shard_paths(output, storage_options)
     frames = []
     for p in paths:
         try:
             with fs.open(p, "rb") as f:
-                frames.append(pq.read_table(f, columns=columns).to_pandas())
+                frames.append(pq.read_table(f, columns=columns).to_pandas().assign(_shard=p))
         except Exception as e:  # an unreadable shard commits nothing: its samples are redone
             log.warning("ignoring unreadable manifest shard %s: %s", p, e)
+    return frames
+
+
+def _row_key(df: pd.DataFrame) -> list[str]:
+    return ["id", "method"] if "method" in df.columns else ["id"]  # benchmark rows: one per (sample, method)
+
+
+def read_manifest(output: str, storage_options: dict | None = None, columns: list[str] | None = None
+                  ) -> pd.DataFrame:
+    """All committed rows; a row that appears in several shards (before compaction) keeps its latest version."""
+    frames = _read_shards(output, storage_options, columns)
     if not frames:
         return pd.DataFrame(columns=columns or [f.name for f in BASE_SCHEMA])
-    df = pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True).drop(columns="_shard")
     if "processed_at" in df.columns:
         df = df.sort_values("processed_at", kind="stable")
-    key = ["id", "method"] if "method" in df.columns else ["id"]  # benchmark rows: one per (sample, method)
-    return df.drop_duplicates(key, keep="last").reset_index(drop=True)
+    return df.drop_duplicates(_row_key(df), keep="last").reset_index(drop=True)
+
+
+def compact_manifest(output: str, storage_options: dict | None = None, retry: RetryConfig | None = None) -> int:
+    """Rewrite every shard holding a superseded row (a sample committed again later: --resume.retry-errors)
+    without it, so that a plain Parquet read sees each sample once. The newer row is committed before the
+    older one is removed, so no committed sample is ever without a row. Returns the rows removed."""
+    probe = _read_shards(output, storage_options, None)
+    if not probe:
+        return 0
+    df = pd.concat(probe, ignore_index=True)
+    key = _row_key(df)
+    df = df.sort_values(["processed_at", "_shard"], kind="stable")
+    stale = df[df.duplicated(key, keep="last")]
+    fs, _ = get_fs(manifest_prefix(output), storage_options)
+    for path, rows in stale.groupby("_shard"):
+        shard = next(f for f in probe if f["_shard"].iat[0] == path).drop(columns="_shard")
+        drop = set(map(tuple, rows[key].astype(str).to_numpy()))
+        keep = shard[[tuple(r) not in drop for r in shard[key].astype(str).to_numpy()]]
+        if len(keep):
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+            write_shard(pa.Table.from_pandas(keep, schema=schema, preserve_index=False), output, storage_options,
+                        retry, name=path.rsplit("/", 1)[-1])
+        else:
+            retry_call(lambda path=path: fs.rm(path), f"removing {path}", retry, kind="write_transient")
+        log.info("manifest compaction: %d superseded row(s) removed from %s", len(rows), path)
+    return len(stale)
 
 
 def committed_ids(output: str, storage_options: dict | None = None, retry_errors: bool = False) -> set[str]:
@@ -137,11 +175,12 @@ class ManifestWriter:
     """Ray Data batch function, the pipeline's last stage: one shard per batch; returns shard stats.
 
     `columns` adds the workflow's own typed columns to BASE_SCHEMA; `constants` fills per-job columns.
+    Rows whose status is "transient" are counted, not written: a rerun redoes them.
     """
 
     def __init__(self, output: str, columns: list[tuple[str, pa.DataType]], constants: dict,
-                 storage_options: dict | None = None):
-        self.output, self.constants, self.storage_options = output, constants, storage_options
+                 storage_options: dict | None = None, retry: RetryConfig | None = None):
+        self.output, self.constants, self.storage_options, self.retry = output, constants, storage_options, retry
         self.schema = pa.schema(list(BASE_SCHEMA) + [pa.field(n, t) for n, t in columns])
 
     def table(self, batch: dict) -> pa.Table:
@@ -157,17 +196,32 @@ class ManifestWriter:
             elif f.name == "random_weights":
                 values = [RANDOM_INIT in str(w) for w in batch["weights"]] if "weights" in batch else [None] * n
             else:
-                values = [None if v is None or (isinstance(v, str) and v == "" and f.name == "error") else v
-                          for v in list(batch[f.name])]
+                values = [None if v is None or (isinstance(v, str) and v == "" and f.name in ("error", "error_kind"))
+                          else v for v in list(batch[f.name])]
                 values = [v.item() if isinstance(v, np.generic) else v for v in values]
             cols[f.name] = pa.array(values, type=f.type)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
     def __call__(self, batch: dict) -> dict:
-        table = self.table(batch)
-        uri = write_shard(table, self.output, self.storage_options)
         status = np.asarray(batch["status"])
+        kinds = np.asarray(batch.get("error_kind", np.array([""] * len(status), dtype=object)))
+        committed = np.flatnonzero(status != TRANSIENT)
+        uri, transient = "", len(status) - len(committed)
+        if len(committed):
+            rows = {k: (np.asarray(v)[committed] if len(v) == len(status) else v) for k, v in batch.items()}
+            try:
+                uri = write_shard(self.table(rows), self.output, self.storage_options, self.retry)
+            except TransientError as e:  # the storage is down for longer than the retries: nothing committed
+                log.warning("manifest shard not written, %d samples left for a rerun: %s", len(committed), e)
+                kinds = np.where(status == "ok", "write_transient", kinds)
+                status = np.full(len(status), TRANSIENT, dtype=object)
+                committed, transient = committed[:0], len(status)
+        histogram: dict[str, int] = {}
+        for k in np.flatnonzero(status != "ok"):
+            histogram[str(kinds[k]) or "other"] = histogram.get(str(kinds[k]) or "other", 0) + 1
         busy = busy_by_actor(batch.get(BUSY_COLUMN, []))
-        return {"shard": np.array([uri], dtype=object), "rows": np.array([len(status)]),
-                "ok": np.array([int((status == "ok").sum())]), "error": np.array([int((status != "ok").sum())]),
+        return {"shard": np.array([uri], dtype=object), "rows": np.array([len(committed)]),
+                "ok": np.array([int((status == "ok").sum())]),
+                "error": np.array([int((status == "error").sum())]), "transient": np.array([transient]),
+                "kinds": np.array([json.dumps(histogram)], dtype=object),
                 "busy": np.array([json.dumps(busy)], dtype=object)}

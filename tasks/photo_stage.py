@@ -24,6 +24,7 @@ import pyarrow as pa
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces
 from tasks.config import Sampled, opt
 from tasks.detect import DetectorConfig, build_detector
+from tasks.faults import TRANSIENT, RetryConfig, TransientError, row_failure
 from tasks.images import decode_image, resize_to
 from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
@@ -79,19 +80,20 @@ class LoadPhotos:
     """Ray Data batch function: (id, source, stem, key_error) -> + photo (any size), kind, status, error."""
 
     def __init__(self, mode: str, max_pixels: int, min_side: int, specs: dict[str, Sampled], job_seed: int,
-                 storage_options: dict | None = None, exif_orientation: bool = True):
+                 storage_options: dict | None = None, exif_orientation: bool = True,
+                 retry: RetryConfig | None = None):
         if mode not in MODES[1:]:
             raise ValueError(f"photos.mode must be one of {MODES}, got {mode!r}")
         self.mode, self.max_pixels, self.min_side = mode, max_pixels, min_side
         self.specs, self.job_seed, self.storage_options = specs, int(job_seed), storage_options
-        self.exif_orientation = exif_orientation
+        self.exif_orientation, self.retry = exif_orientation, retry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         def decode(raw: bytes) -> tuple[np.ndarray, dict]:
             return decode_image(raw, max_pixels=self.max_pixels, min_side=self.min_side,
                                 exif_orientation=self.exif_orientation)
 
-        pixels, out = load_rows(batch, decode, self.storage_options)
+        pixels, out = load_rows(batch, decode, self.storage_options, self.retry)
         kind = ["aligned" if self.mode == "auto" and p is not None and p.shape[0] == p.shape[1] else "photo"
                 for p in pixels]
         out["photo"] = _objects([np.zeros((1, 1, 3), np.uint8) if p is None else p for p in pixels])
@@ -119,7 +121,7 @@ class DetectAlign:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["id"]), self.align.face_size
-        status, error = list(batch["status"]), list(batch["error"])
+        status, kinds, error = list(batch["status"]), list(batch["error_kind"]), list(batch["error"])
         plans, crops = ["[]"] * n, [_empty_crops(size) for _ in range(n)]
         todo = [k for k in range(n) if status[k] == "ok" and batch["kind"][k] == "photo"]
         try:
@@ -142,14 +144,16 @@ class DetectAlign:
                 ok = align_faces(photo, p, self.align)
                 crops[k] = np.stack(ok) if ok else _empty_crops(size)
             except Exception as e:
-                status[k], error[k] = "error", f"face detection/alignment failed: {type(e).__name__}: {e}"
+                status[k], kinds[k] = "error", "detect"
+                error[k] = f"face detection/alignment failed: {type(e).__name__}: {e}"
         for k in range(n):
             if status[k] == "ok" and batch["kind"][k] == "aligned":
                 rows, ok = self._aligned_input(batch["photo"][k])
                 plans[k], crops[k] = json.dumps(rows), np.stack(ok)
         out = dict(batch)
         out.update(crops=_objects(crops), plans=np.array(plans, dtype=object), status=np.array(status, dtype=object),
-                   error=np.array(error, dtype=object), detector=np.array([self.identity] * n, dtype=object))
+                   error_kind=np.array(kinds, dtype=object), error=np.array(error, dtype=object),
+                   detector=np.array([self.identity] * n, dtype=object))
         return out
 
 
@@ -217,21 +221,24 @@ class PasteAndWrite:
     """
 
     def __init__(self, output: str, align: AlignConfig, write_faces: bool, png_compression: int,
-                 constants: dict, storage_options: dict | None = None, face_columns: list | None = None):
-        self.output, self.storage_options = output, storage_options
+                 constants: dict, storage_options: dict | None = None, face_columns: list | None = None,
+                 retry: RetryConfig | None = None):
+        self.output, self.storage_options, self.retry = output, storage_options, retry
         self.align = align
         self.write_faces, self.png_compression = write_faces, png_compression
         self.faces_output = join_under(output, FACES_DIR)
         self.face_writer = ManifestWriter(self.faces_output, face_columns or FACE_COLUMNS, constants,
-                                          storage_options)
+                                          storage_options, retry)
 
     def _put(self, folder: str, stem: str, rgb: np.ndarray) -> str:
-        return put_png(join_under(self.output, folder), stem, rgb, self.png_compression, self.storage_options)
+        return put_png(join_under(self.output, folder), stem, rgb, self.png_compression, self.storage_options,
+                       self.retry)
 
     def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
         photo = batch["photo"][k]
         if batch["kind"][k] == "aligned":
-            return faces[0], "aligned input: the restored crop"
+            return faces[0], ("aligned input: the restored crop (photos.mode auto takes every square input as an "
+                              "aligned face crop; use photos.mode photos to detect faces in square photos)")
         if not rows:
             return photo, "no faces detected: photo passed through unchanged"
         ok = [r for r in rows if r["status"] == "ok"]
@@ -242,7 +249,7 @@ class PasteAndWrite:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
-        status, error = list(batch["status"]), list(batch["error"])
+        status, kinds, error = list(batch["status"]), list(batch["error_kind"]), list(batch["error"])
         uris, notes = [""] * n, [""] * n
         detected, restored, skipped = (np.zeros(n, np.int64) for _ in range(3))
         face_rows: list[dict] = []
@@ -272,15 +279,21 @@ class PasteAndWrite:
                     face_rows.append(row)
                 restored[k] = j
                 skipped[k] = len(rows) - j
-            except Exception as e:  # a failed paste or write is this photo's error row
-                status[k], error[k] = "error", f"paste-back/write failed: {type(e).__name__}: {e}"
+            except Exception as e:  # a failed paste or write is this photo's error row (transient: uncommitted)
+                status[k], kinds[k], error[k] = row_failure(e, "write")
+                error[k] = f"paste-back/write failed: {error[k]}"
         if face_rows:  # before the photos' own shard: committed photos always have their face rows
             cols = {name: [r.get(name) for r in face_rows] for name in
                     {f.name for f in self.face_writer.schema}}
-            write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options)
+            try:
+                write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options, self.retry)
+            except TransientError as e:  # without their face rows, none of these photos may be committed
+                status = [TRANSIENT] * n
+                kinds, error = [e.kind] * n, [str(e)] * n
         drop = ("photo", "crops", "restored_faces", "plans", "faces_info")
         out = {key: v for key, v in batch.items() if key not in drop}
         out.update(restored=np.array(uris, dtype=object), note=np.array(notes, dtype=object),
                    faces_detected=detected, faces_restored=restored, faces_skipped=skipped,
-                   status=np.array(status, dtype=object), error=np.array(error, dtype=object))
+                   status=np.array(status, dtype=object), error_kind=np.array(kinds, dtype=object),
+                   error=np.array(error, dtype=object))
         return out

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import opt, to_dict
+from tasks.config import opt, shown_config
+from tasks.faults import RetryConfig, retry_call
 from tasks.listing import list_inputs
-from tasks.manifest import BUSY_COLUMN, committed_ids, manifest_prefix, write_summary
-from tasks.storage import redact
+from tasks.manifest import BUSY_COLUMN, committed_ids, compact_manifest, manifest_prefix, write_summary
+from tasks.storage import join_under, redact
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +70,8 @@ def code_version() -> str:
 
 
 def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the resolved config with secrets redacted: changing only a credential keeps the hash."""
+    return hashlib.sha256(json.dumps(shown_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -77,16 +80,26 @@ class Plan:
     total: int
     skipped: int
     ignored: int
+    duplicates: int
 
 
-def plan(input_spec: str, output: str, storage_options: dict | None, extensions, resume: ResumeConfig) -> Plan:
-    listing = list_inputs(input_spec, storage_options, tuple(extensions))
+def plan(input_spec: str, output: str, storage_options: dict | None, extensions, resume: ResumeConfig,
+         retry: RetryConfig | None = None) -> Plan:
+    """The samples still to do. Listing and the resume read are retried like any I/O; they run on the driver,
+    before Ray starts, so an unreachable store fails here with the URI it was waiting on."""
+    log.info("listing %s", input_spec)
+    listing = retry_call(lambda: list_inputs(input_spec, storage_options, tuple(extensions)),
+                         f"listing {input_spec}", retry)
     df = listing.samples
     done: set[str] = set()
     if resume.enabled:
-        done = committed_ids(output, storage_options, retry_errors=resume.retry_errors)
+        log.info("reading committed ids from %s", manifest_prefix(output))
+        compact(output, storage_options, retry)  # a run that died between commit and compaction
+        done = retry_call(lambda: committed_ids(output, storage_options, retry_errors=resume.retry_errors),
+                          f"reading {manifest_prefix(output)}", retry)
     todo = df[~df["id"].isin(done)].reset_index(drop=True)
-    return Plan(todo=todo, total=len(df), skipped=len(df) - len(todo), ignored=listing.ignored)
+    return Plan(todo=todo, total=len(df), skipped=len(df) - len(todo), ignored=listing.ignored,
+                duplicates=listing.duplicates)
 
 
 def init_ray(cluster: ClusterConfig):
@@ -186,7 +199,11 @@ class Summary:
     ignored: int = 0
     ok: int = 0
     error: int = 0
+    transient: int = 0  # failed on every retry (storage down, throttled): not committed, a rerun redoes them
+    duplicates: int = 0  # input-list rows dropped for repeating an id
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error_kind -> samples (transient included)
     shards: int = 0
+    pool_size: int = 0  # model actors per timed stage; more seen = restarted actors
     seconds: float = 0.0
     weights: str = ""
     code_version: str = ""
@@ -196,9 +213,24 @@ class Summary:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def model_actors(self) -> int:
+        """Model actors that ran at once: per timed stage, the pool size (an actor restarted after a crash
+        shows up under a new pid and is not counted twice)."""
+        per_stage: dict[str, int] = {}
+        for actor in self.busy:
+            stage = actor.split("@", 1)[0]
+            per_stage[stage] = per_stage.get(stage, 0) + 1
+        return sum(min(n, self.pool_size) if self.pool_size else n for n in per_stage.values())
+
+    @property
+    def restarted_actors(self) -> int:
+        return len(self.busy) - self.model_actors
+
+    @property
     def actor_utilisation(self) -> float:
         """Time the model actors spent inside their stage / (actors x wall time)."""
-        return sum(self.busy.values()) / (len(self.busy) * self.seconds) if self.busy and self.seconds > 0 else 0.0
+        actors = self.model_actors
+        return sum(self.busy.values()) / (actors * self.seconds) if actors and self.seconds > 0 else 0.0
 
     @property
     def network_share(self) -> float:
@@ -215,20 +247,31 @@ class Summary:
         d["images_per_s"] = round(self.images_per_s, 4)
         d["actor_utilisation"] = round(self.actor_utilisation, 4)
         d["network_share"] = round(self.network_share, 4)
+        d["model_actors"], d["restarted_actors"] = self.model_actors, self.restarted_actors
         d["manifest"] = manifest_prefix(self.output)
         d["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return d
 
     def text(self) -> str:
         lines = [
-            f"{self.workflow}: {self.ok} ok, {self.error} error, {self.skipped} skipped (already committed), "
-            f"{self.total} inputs" + (f", {self.ignored} non-image files ignored" if self.ignored else ""),
+            f"{self.workflow}: {self.ok} ok, {self.error} error, {self.transient} transient, {self.skipped} skipped "
+            f"(already committed), {self.total} inputs" + (f", {self.ignored} non-image files ignored"
+                                                           if self.ignored else "")
+            + (f", {self.duplicates} repeated list rows dropped" if self.duplicates else ""),
             f"  {self.images_per_s:.3f} images/s over {self.seconds:.1f} s, {self.shards} manifest shards written",
             f"  manifest: {manifest_prefix(self.output)}",
             f"  weights: {self.weights}   code: {self.code_version}",
         ]
+        if self.error_kinds:
+            lines.append("  errors by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(self.error_kinds.items())))
+        if self.transient:
+            lines.append(f"  INCOMPLETE: {self.transient} samples failed transiently (storage unreachable or "
+                         "throttled beyond the retries) and were NOT committed: rerun the same command to finish "
+                         "them")
         if self.busy:
-            lines.append(f"  model actors: {len(self.busy)}, busy {100 * self.actor_utilisation:.0f}% of the run "
+            restarted = f" (+{self.restarted_actors} restarted after a crash)" if self.restarted_actors else ""
+            lines.append(f"  model actors: {self.model_actors}{restarted}, busy {100 * self.actor_utilisation:.0f}% "
+                         "of the run "
                          f"({sum(self.busy.values()):.1f} actor-s inside their stage; below ~90% they wait for "
                          "the CPU stages or start-up)")
         if self.network and self.busy:
@@ -239,26 +282,54 @@ class Summary:
         return "\n".join(lines)
 
 
-def drain(ds, summary: Summary) -> Summary:
-    """Run the dataset to the end, counting the ManifestWriter's per-shard stats."""
+HEARTBEAT_S = 30.0
+
+
+def drain(ds, summary: Summary, heartbeat_s: float = HEARTBEAT_S) -> Summary:
+    """Run the dataset to the end, counting the ManifestWriter's per-shard stats; a line of progress at least
+    every heartbeat_s (also while nothing commits: a stalled store or a starved stage shows up in the log)."""
     t0 = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        summary.ok += int(batch["ok"].sum())
-        summary.error += int(batch["error"].sum())
-        summary.shards += len(batch["shard"])
-        for stats in batch.get("busy", []):
-            for actor, seconds in json.loads(stats).items():
-                into = summary.network if actor.startswith(NETWORK_PREFIX) else summary.busy
-                actor = actor.removeprefix(NETWORK_PREFIX)
-                into[actor] = into.get(actor, 0.0) + seconds
+    done = threading.Event()
+
+    def heartbeat():
+        while not done.wait(heartbeat_s):
+            log.info("running %.0f s: %d committed (%d ok, %d error), %d transient, %d manifest shards; "
+                     "waiting on the pipeline's stages (Ray Data's progress shows which)",
+                     time.perf_counter() - t0, summary.ok + summary.error, summary.ok, summary.error,
+                     summary.transient, summary.shards)
+
+    threading.Thread(target=heartbeat, name="progress", daemon=True).start()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.ok += int(batch["ok"].sum())
+            summary.error += int(batch["error"].sum())
+            summary.transient += int(batch["transient"].sum())
+            summary.shards += sum(1 for uri in batch["shard"] if uri)
+            for kinds in batch["kinds"]:
+                for kind, n in json.loads(kinds).items():
+                    summary.error_kinds[kind] = summary.error_kinds.get(kind, 0) + n
+            for stats in batch.get("busy", []):
+                for actor, seconds in json.loads(stats).items():
+                    into = summary.network if actor.startswith(NETWORK_PREFIX) else summary.busy
+                    actor = actor.removeprefix(NETWORK_PREFIX)
+                    into[actor] = into.get(actor, 0.0) + seconds
+    finally:
+        done.set()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def finish(summary: Summary, storage_options: dict | None) -> None:
+def finish(summary: Summary, storage_options: dict | None) -> int:
+    """Write the summary last and print it; the workflow's exit code: 0, or 3 when samples were left
+    uncommitted by transient failures (a rerun finishes them)."""
     uri = write_summary(summary.output, summary.as_dict(), storage_options)
     print(summary.text(), file=sys.stderr, flush=True)
     log.info("summary written to %s", uri)
+    if summary.transient:
+        log.error("%d samples failed transiently and were not committed: rerun the same command to finish them",
+                  summary.transient)
+        return 3
+    return 0
 
 
 def load_config(cls, argv: list[str] | None, doc: str, name: str):
@@ -280,14 +351,28 @@ def warn_random(summary: Summary, banner: str) -> None:
 
 
 def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
-    """Plan (drop committed ids), then run the pipeline over what is left, counting into the summary."""
+    """Plan (drop committed ids), then run the pipeline over what is left, counting into the summary; the
+    manifest is compacted before (a crashed run's leftovers) and after (superseded rows of retried errors)."""
     so = cfg.storage_options or None
-    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume)
-    summary.total, summary.skipped, summary.ignored = p.total, p.skipped, p.ignored
+    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume, cfg.retry)
+    summary.total, summary.skipped, summary.ignored, summary.duplicates = p.total, p.skipped, p.ignored, p.duplicates
+    if p.duplicates:
+        summary.notes.append(f"{p.duplicates} rows of the input list repeat an id listed before them: "
+                             "each id was processed once")
     log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
     if len(p.todo):
         ray = init_ray(cfg.cluster)
+        summary.pool_size = actor_pool(cfg.runtime, ray)[0]
         drain(build_pipeline(cfg, p.todo, ray, version), summary)
+    compact(cfg.output, so, cfg.retry)
+
+
+def compact(output: str, storage_options: dict | None, retry) -> None:
+    for prefix in (output, join_under(output, "faces")):  # photos mode keeps its face rows in faces/manifest
+        removed = retry_call(lambda prefix=prefix: compact_manifest(prefix, storage_options, retry),
+                             f"compacting {manifest_prefix(prefix)}", retry)
+        if removed:
+            log.info("manifest compacted: %d superseded rows removed under %s", removed, manifest_prefix(prefix))
 
 
 def setup_logging() -> None:

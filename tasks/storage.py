@@ -19,11 +19,14 @@ from urllib.parse import unquote
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.faults import RetryConfig, TransientError, is_transient, retry_call
+
 __all__ = [
     "get_fs",
     "get_pyarrow_fs",
     "is_object_store",
     "join_under",
+    "read_sources",
     "redact",
     "to_pyarrow_fs",
     "write_bytes",
@@ -32,9 +35,60 @@ __all__ = [
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 
 
+# botocore's defaults (60 s connect and read timeouts, retried 5 times) make an endpoint that accepts
+# connections and never answers hang a job for minutes in silence. Bounded here, overridable through
+# storage_options {config_kwargs: {...}}; tasks.faults.retry_call does the patient retrying, visibly.
+S3_CLIENT_DEFAULTS = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def fsspec_options(uri: str, storage_options: dict | None) -> dict:
+    """storage_options for uri's filesystem, with bounded client timeouts on S3 unless given."""
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in ("s3", "s3a") and "://" in uri:
+        options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})}
+    return options
+
+
 def get_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or URI; the path carries no scheme."""
-    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fsspec.core.url_to_fs(uri, **fsspec_options(uri, storage_options))
+
+
+def read_sources(sources: list[str], storage_options: dict | None, retry: RetryConfig | None = None
+                 ) -> list[bytes | Exception]:
+    """Fetch many objects at once, each URI through its own filesystem (s3fs/gcsfs fetch concurrently).
+
+    Failures come back as values: transient ones are retried (tasks.faults.retry_call) and, if they
+    outlast the retries, come back as TransientError; missing or denied objects come back as they are.
+    """
+    results: list[bytes | Exception | None] = [None] * len(sources)
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
+    for k, uri in enumerate(sources):
+        fs, path = get_fs(uri, storage_options)
+        groups.setdefault(id(fs), (fs, []))[1].append((k, path))
+    for fs, items in groups.values():
+        pending = items
+
+        def fetch_pending(fs=fs):
+            nonlocal pending
+            got = fs.cat([p for _, p in pending], on_error="return")
+            if not isinstance(got, dict):  # some backends return bare bytes for a single path
+                got = {pending[0][1]: got}
+            for k, p in pending:
+                results[k] = got.get(p, FileNotFoundError(p))
+            pending = [(k, p) for k, p in pending if isinstance(results[k], Exception) and is_transient(results[k])]
+            if pending:
+                raise results[pending[0][0]]
+
+        try:
+            retry_call(fetch_pending, f"reading {len(pending)} object(s) such as {sources[pending[0][0]]}", retry)
+        except TransientError as e:
+            for k, _ in pending:
+                results[k] = e
+        except Exception as e:  # the whole request failed for good (e.g. a missing bucket)
+            for k, _ in pending:
+                results[k] = results[k] if isinstance(results[k], Exception) else e
+    return results
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -95,11 +149,12 @@ def join_under(prefix: str, relative: str) -> str:
     return prefix + ("" if prefix.endswith("/") else "/") + "/".join(kept)
 
 
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, retry: RetryConfig | None = None) -> None:
     """Write a whole file so that readers see either nothing / the old file, or the complete new one.
 
     Local: temp file in the same directory + os.replace (atomic, not fsync'ed). Object stores: one put
-    (atomic by nature). Other filesystems: makedirs + pipe_file (as atomic as the backend is).
+    (atomic by nature), retried on transient failures (TransientError when they outlast the retries).
+    Other filesystems: makedirs + pipe_file (as atomic as the backend is).
     """
     if isinstance(fs, LocalFileSystem):
         path = fs._strip_protocol(path)
@@ -121,7 +176,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
+    retry_call(lambda: fs.pipe_file(path, data), f"writing {path}", retry, kind="write_transient")
 
 
 _SECRET_KEY = re.compile(r"secret|key|token|password|passwd|credential|session|auth", re.IGNORECASE)

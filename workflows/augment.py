@@ -22,6 +22,7 @@ import pyarrow as pa
 from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.pipeline import (
@@ -62,6 +63,7 @@ class AugmentConfig:
     blur: BlurConfig = BlurConfig()
     write: WriteConfig = WriteConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -71,17 +73,17 @@ def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
     pool, gpus = actor_pool(cfg.runtime, ray)
     log.info("DR2 actor pool: %d actor(s), %.2f GPU each, batch %d", pool, gpus, cfg.runtime.batch_size)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
                                 specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau, "sigma": cfg.blur.sigma}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     ds = ds.map_batches(timed(DR2Stage), fn_constructor_kwargs=dict(
         dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))  # Ray restarts dead actors and retries their batches
-    ds = ds.map_batches(as_task(BlurAndWrite, output=cfg.output, write=cfg.write, storage_options=so),
+    ds = ds.map_batches(as_task(BlurAndWrite, output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry),
                         batch_size=cfg.runtime.batch_size, num_cpus=1)
     ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so,
-                                constants={"job_seed": cfg.seed, "code_version": version,
+                                retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
                                            "config_hash": config_hash(cfg)}),
                         batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
     return ds
@@ -103,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         warn_random(summary, "RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of "
                              "an untrained network, NOT a DR2 restoration. The manifest says weights=random-init.")
     process(cfg, summary, build_pipeline, version)
-    finish(summary, so)
-    return 0
+    return finish(summary, so)
 
 
 if __name__ == "__main__":

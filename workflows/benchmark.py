@@ -41,6 +41,7 @@ from tasks.dynamic_stage import (
     check_dynamic_methods,
     has_dynamic,
 )
+from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
 from tasks.metrics import METRIC_NAMES
@@ -90,6 +91,7 @@ class BenchmarkConfig:
     enhancer: EnhancerConfig = EnhancerConfig()
     metrics: MetricsConfig = MetricsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
     cluster: ClusterConfig = ClusterConfig()
     report_grid_samples: int = opt(6, "faces shown in the report's image grids")
@@ -107,12 +109,13 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, specs={}),
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+                                retry=cfg.retry, specs={}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     ds = ds.map_batches(as_task(Degrade, degradation=cfg.degradation, job_seed=cfg.seed),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"gt": "image", "lq": "lq_pixels"},
-                                storage_options=so, keep_pixels=True),
+                                storage_options=so, retry=cfg.retry, keep_pixels=True),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
     ds = ds.map_batches(timed(DynamicBenchmarkStage if dyn else BenchmarkStage), fn_constructor_kwargs=dict(
@@ -120,11 +123,13 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
         seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))
-    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"restored": "restored"}, storage_options=so),
+    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"restored": "restored"}, storage_options=so,
+                                retry=cfg.retry),
                         batch_size=cfg.runtime.batch_size * len(cfg.methods), num_cpus=1)
     ds = ds.map_batches(as_task(BenchmarkManifestWriter, output=cfg.output, columns=manifest_columns(cfg),
-                                storage_options=so, constants={"job_seed": cfg.seed, "code_version": version,
-                                                               "config_hash": config_hash(cfg)}),
+                                storage_options=so, retry=cfg.retry,
+                                constants={"job_seed": cfg.seed, "code_version": version,
+                                           "config_hash": config_hash(cfg)}),
                         batch_size=cfg.cluster.manifest_rows * len(cfg.methods), num_cpus=0.5)
     return ds
 
@@ -161,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                grid_samples=cfg.report_grid_samples, storage_options=so)
         summary.notes.append(f"report: {written.get('report.html', '')}")
     summary.notes += [f"FID {m}: {v}" for m, v in fid.items()]
-    finish(summary, so)
-    return 0
+    return finish(summary, so)
 
 
 def _unavailable(cfg: BenchmarkConfig, df) -> dict[str, str]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
 from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
+from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.photo_stage import (
@@ -91,6 +92,7 @@ class RestoreConfig:
     enhancer: EnhancerConfig = EnhancerConfig()
     write: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -112,7 +114,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
     ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
-                                min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so,
+                                min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
                                 exif_orientation=ph.exif_orientation,
                                 specs=param_specs(cfg)),
                         batch_size=ph.batch_size, num_cpus=1)
@@ -130,12 +132,13 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     constants = manifest_constants(cfg, version)
     ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=align,
                                 write_faces=ph.write_faces, png_compression=cfg.write.png_compression,
-                                constants=constants, storage_options=so,
+                                constants=constants, storage_options=so, retry=cfg.retry,
                                 face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else [])),
                         batch_size=ph.batch_size, num_cpus=1)
     columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
     return ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=columns, storage_options=so,
-                                  constants=constants), batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
+                                  retry=cfg.retry, constants=constants),
+                          batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
 
 
 def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
@@ -145,7 +148,7 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
     dynamic = cfg.method == "dynamic"
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
                                 specs=param_specs(cfg)),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
@@ -168,11 +171,11 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
         raise ValueError(f"topology must be 'shared' or 'separate', got {cfg.topology!r}")
     images = {"restored": "restored", **({"dr2": "dr2"} if cfg.write.dr2 else {})}
     ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images=images,
-                                png_compression=cfg.write.png_compression, storage_options=so),
+                                png_compression=cfg.write.png_compression, storage_options=so, retry=cfg.retry),
                         batch_size=cfg.runtime.batch_size, num_cpus=1)
     ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output,
                                 columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                                storage_options=so, constants=manifest_constants(cfg, version)),
+                                storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version)),
                         batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
     return ds
 
@@ -224,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         warn_random(summary, f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are "
                              "NOT restorations. The manifest's weights columns say random-init.")
     process(cfg, summary, build_pipeline, version)
-    finish(summary, so)
-    return 0
+    return finish(summary, so)
 
 
 if __name__ == "__main__":
