@@ -45,6 +45,26 @@ class DR2Config:
     tau: Sampled = opt(Sampled((22,)), "last diffusion step tau per sample (0..99): fixed, set or range")
 
 
+def check_dr2_params(dr2: DR2Config, size: int) -> None:
+    """Refuse, on the driver, (N, tau) settings that no sample could run with: N must divide the model size
+    (the low-pass resizes by 1/N), tau must be a step of the 100-step schedule."""
+    def candidates(spec: Sampled) -> list:
+        if spec.values:
+            return list(spec.values)
+        if isinstance(spec.low, int) and isinstance(spec.high, int):
+            return list(range(spec.low, spec.high + 1))
+        return [spec.low, spec.high]
+
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    bad_n = [n for n in candidates(dr2.N) if not isinstance(n, int) or n not in divisors]
+    if bad_n:
+        raise ValueError(f"--dr2.N: every N must divide image.size {size}; allowed: {', '.join(map(str, divisors))}; "
+                         f"got {dr2.N.describe()!r}")
+    bad_tau = [t for t in candidates(dr2.tau) if not isinstance(t, int) or not 0 <= t <= 99]
+    if bad_tau:
+        raise ValueError(f"--dr2.tau: every tau must be an integer step 0..99; got {dr2.tau.describe()!r}")
+
+
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights", "fp16-weights")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

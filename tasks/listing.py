@@ -22,6 +22,10 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
 PER_SAMPLE_COLUMNS = ("N", "tau")
 
 
+class InputNotFoundError(FileNotFoundError):
+    """--input names nothing that exists."""
+
+
 @dataclass
 class Listing:
     samples: pd.DataFrame   # columns: id, source, stem, key_error, key_error_kind (+ N, tau from a list)
@@ -66,7 +70,7 @@ def list_inputs(spec: str, storage_options: dict | None = None,
         elif fs.isfile(path):
             files, root = [path], posixpath.dirname(path)
         else:
-            raise FileNotFoundError(f"input not found: {spec}")
+            raise InputNotFoundError(f"--input {spec}: not found (no such file, folder, prefix or matching glob)")
         files = sorted(f for f in files if not fs.isdir(f))
         keep = [f for f in files if f.lower().endswith(exts)]
         ignored = len(files) - len(keep)

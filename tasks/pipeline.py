@@ -7,6 +7,7 @@ ManifestWriter -> drain its per-shard stats (Ray shows progress bars) -> write t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,10 +24,11 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import opt, shown_config
-from tasks.faults import RetryConfig, retry_call
-from tasks.listing import list_inputs
+from tasks.faults import RetryConfig, TransientError, retry_call
+from tasks.listing import InputNotFoundError, list_inputs
 from tasks.manifest import BUSY_COLUMN, committed_ids, compact_manifest, manifest_prefix, write_summary
 from tasks.storage import join_under, redact
+from tasks.weights import WeightsError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +149,19 @@ def as_task(stage_cls, **kwargs):
 
     run.__name__ = run.__qualname__ = stage_cls.__name__
     return run
+
+
+def write_and_commit(ds, writer: tuple[type, dict], manifest: tuple[type, dict], rows: int):
+    """The pipeline's tail as one CPU task per `rows` samples: write their images, then commit their manifest
+    shard. As two operators, Ray Data's resource budget kept the manifest operator backpressured on a
+    2-CPU machine until the model had finished every sample: nothing was committed during the run."""
+    (write_cls, write_kwargs), (manifest_cls, manifest_kwargs) = writer, manifest
+
+    def run(batch):
+        return manifest_cls(**manifest_kwargs)(write_cls(**write_kwargs)(batch))
+
+    run.__name__ = run.__qualname__ = f"{write_cls.__name__}+{manifest_cls.__name__}"
+    return ds.map_batches(run, batch_size=rows, num_cpus=1)
 
 
 def timed(stage_cls):
@@ -344,6 +359,25 @@ def load_config(cls, argv: list[str] | None, doc: str, name: str):
     return cfg
 
 
+def refuse_on_driver(main):
+    """A workflow's main(): what the driver can tell is wrong before Ray starts (a missing input or checkpoint,
+    a checkpoint refused as code, an option no sample can run with) ends the job with one line and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (InputNotFoundError, WeightsError, WeightsNotFoundError, DriverRefusal, TransientError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+
+    return wrapper
+
+
+class DriverRefusal(ValueError):
+    """An option or input the driver refuses before any work starts."""
+
+
 def warn_random(summary: Summary, banner: str) -> None:
     """Say loudly, in the log and in the summary, that outputs come from an untrained network."""
     log.warning("%s\n%s\n%s", "!" * 100, banner, "!" * 100)
@@ -369,8 +403,12 @@ def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
 
 def compact(output: str, storage_options: dict | None, retry) -> None:
     for prefix in (output, join_under(output, "faces")):  # photos mode keeps its face rows in faces/manifest
-        removed = retry_call(lambda prefix=prefix: compact_manifest(prefix, storage_options, retry),
-                             f"compacting {manifest_prefix(prefix)}", retry)
+        try:
+            removed = retry_call(lambda prefix=prefix: compact_manifest(prefix, storage_options, retry),
+                                 f"compacting {manifest_prefix(prefix)}", retry)
+        except TransientError as e:  # nothing is lost: the next run compacts before it plans
+            log.warning("manifest compaction deferred to the next run: %s", e)
+            continue
         if removed:
             log.info("manifest compacted: %d superseded rows removed under %s", removed, manifest_prefix(prefix))
 

@@ -16,6 +16,7 @@ __all__ = [
     "RANDOM_INIT",
     "WeightsError",
     "WeightsNotFoundError",
+    "check_weights",
     "fill_zero_init",
     "load_state_dict",
     "load_weights",
@@ -168,10 +169,12 @@ def load_weights(
     return weights_identity(digest, uri)
 
 
-def check_weights_exist(uri: str, storage_options: dict | None = None) -> str:
-    """Fail fast in the driver (before any actor starts) when a configured checkpoint is missing."""
-    fs, path = get_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise WeightsNotFoundError(f"weights file not found: {uri} (check the path/URI given for the weights and "
-                                   "that this machine's credentials can read it)")
+def check_weights(uri: str, storage_options: dict | None = None, sha256: str | None = None) -> str:
+    """Read and vet a configured checkpoint in the driver, before any actor starts: a missing file, a digest
+    mismatch or a file that is refused as code (weights_only) stops the job with one line naming the file,
+    instead of a traceback from every actor."""
+    data = _read(uri, storage_options)
+    if sha256:
+        _check_digest(uri, hashlib.sha256(data).hexdigest(), sha256)
+    _deserialize(uri, data)
     return uri

@@ -182,14 +182,33 @@ class _Weed:
             f"-s3.localSocket={workdir / 's3.sock'}", f"-filer.localSocket={workdir / 'filer.sock'}",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
-        env["TMPDIR"] = str(workdir / "tmp")  # glog files land here instead of /tmp
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+        self.env["TMPDIR"] = str(workdir / "tmp")  # glog files land here instead of /tmp
         self.log_path = workdir / "weed.log"
-        self.log = open(self.log_path, "wb")
+        self._launch()
+
+    def _launch(self, die_with_parent: bool = True) -> None:
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
         )
+
+    def restart(self, server: S3Server, timeout: float = 30.0) -> None:
+        """Start again on the same ports and data directory (after stop(): an outage that ends).
+
+        No parent-death signal here: the kernel sends it when the *thread* that started the process ends,
+        and restarts come from a test's helper thread. The fixture's stop() ends it."""
+        self._launch(die_with_parent=False)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini did not restart:\n{self.log_tail()}")
+            if _http_up(server.endpoint_url + "/") and _signed_ok(server):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"weed mini not ready {timeout} s after a restart:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 2000) -> str:
         try:

@@ -55,6 +55,10 @@ def make_corpus(root: Path) -> dict[str, str | None]:
     return expect
 
 
+ERROR_KINDS_EXPECTED = {"bad/empty.png": "decode", "bad/truncated.png": "decode", "bad/truncated.jpg": "decode",
+                        "bad/text.png": "decode", "bad/huge.png": "too_large", "bad/wide.png": "not_square"}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
@@ -75,8 +79,10 @@ def test_every_input_accounted_for_and_outputs_stay_under_prefix(ray_local, corp
             assert lq.shape == (32, 32, 3) and lq.dtype == np.uint8
             assert cv2.imread(row.hq).shape == (32, 32, 3)
             assert row.N == 2 and row.tau == 5 and row.omega == 15 and 0.5 <= row.sigma <= 1.5
+            assert pd.isna(row.error_kind)
         else:
             assert row.status == "error" and fragment in row.error.lower(), (sid, row.error)
+            assert row.error_kind == ERROR_KINDS_EXPECTED[sid], (sid, row.error_kind)
             assert pd.isna(row.lq) or row.lq == ""
     assert df.loc["conv/16bit.png", "src_converted"] and df.loc["conv/rgba.png", "src_converted"]
     assert (df["weights"] == "random-init:tiny").all() and df["random_weights"].all()
@@ -85,6 +91,7 @@ def test_every_input_accounted_for_and_outputs_stay_under_prefix(ray_local, corp
     assert all(str(p.resolve()).startswith(str(out.resolve()) + os.sep) for p in written)
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["ok"] == 6 and summary["error"] == 6 and summary["ignored"] == 1 and summary["total"] == 12
+    assert summary["error_kinds"] == {"decode": 4, "too_large": 1, "not_square": 1} and summary["transient"] == 0
 
 
 def test_rerun_finishes_exactly_the_missing_samples(ray_local, corpus, tmp_path):
@@ -163,8 +170,9 @@ def test_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, corpus
 
 
 def test_missing_weights_fail_fast_with_the_file_name(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="DR2_FFHQ.pkl"):
-        augment(["--input", str(SAMPLES), "--output", str(tmp_path / "o"),
-                 "--dr2.weights", str(tmp_path / "DR2_FFHQ.pkl")])
+    assert augment(["--input", str(SAMPLES), "--output", str(tmp_path / "o"),
+                    "--dr2.weights", str(tmp_path / "DR2_FFHQ.pkl")]) == 2
+    err = capsys.readouterr().err
+    assert "DR2_FFHQ.pkl" in err and "Traceback" not in err
     assert augment(["--input", str(SAMPLES), "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()

@@ -21,12 +21,13 @@ import pyarrow as pa
 
 from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.pipeline import (
     ClusterConfig,
+    DriverRefusal,
     ResumeConfig,
     Summary,
     actor_pool,
@@ -37,10 +38,12 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    refuse_on_driver,
     timed,
     warn_random,
+    write_and_commit,
 )
-from tasks.weights import RANDOM_INIT, check_weights_exist
+from tasks.weights import RANDOM_INIT, check_weights
 
 log = logging.getLogger("augment")
 
@@ -80,19 +83,23 @@ def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
         dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))  # Ray restarts dead actors and retries their batches
-    ds = ds.map_batches(as_task(BlurAndWrite, output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry),
-                        batch_size=cfg.runtime.batch_size, num_cpus=1)
-    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so,
-                                retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
-                                           "config_hash": config_hash(cfg)}),
-                        batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
-    return ds
+    return write_and_commit(
+        ds, (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry)),
+        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so, retry=cfg.retry,
+                              constants={"job_seed": cfg.seed, "code_version": version,
+                                         "config_hash": config_hash(cfg)})),
+        rows=cfg.cluster.manifest_rows)
 
 
+@refuse_on_driver
 def main(argv: list[str] | None = None) -> int:
     cfg: AugmentConfig = load_config(AugmentConfig, argv, __doc__, "augment")
     so = cfg.storage_options or None
-    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    try:
+        check_dr2_params(cfg.dr2, cfg.image.size)
+    except ValueError as e:
+        raise DriverRefusal(str(e)) from None
+    weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
                   "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")

@@ -33,7 +33,7 @@ from tasks.benchmark_stage import (
     fid_scores,
 )
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, RuntimeConfig
+from tasks.dr2_stage import DR2Config, RuntimeConfig, check_dr2_params
 from tasks.dynamic_stage import (
     DYNAMIC_COLUMNS,
     DynamicBenchmarkStage,
@@ -47,6 +47,7 @@ from tasks.manifest import read_manifest
 from tasks.metrics import METRIC_NAMES
 from tasks.pipeline import (
     ClusterConfig,
+    DriverRefusal,
     ResumeConfig,
     Summary,
     actor_pool,
@@ -57,12 +58,14 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    refuse_on_driver,
     timed,
     warn_random,
+    write_and_commit,
 )
 from tasks.report import write_report
 from tasks.restore_stage import EnhancerConfig
-from tasks.weights import RANDOM_INIT, check_weights_exist
+from tasks.weights import RANDOM_INIT, check_weights
 from tasks.write_stage import WriteImages
 
 log = logging.getLogger("benchmark")
@@ -123,17 +126,16 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
         seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))
-    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"restored": "restored"}, storage_options=so,
-                                retry=cfg.retry),
-                        batch_size=cfg.runtime.batch_size * len(cfg.methods), num_cpus=1)
-    ds = ds.map_batches(as_task(BenchmarkManifestWriter, output=cfg.output, columns=manifest_columns(cfg),
-                                storage_options=so, retry=cfg.retry,
-                                constants={"job_seed": cfg.seed, "code_version": version,
-                                           "config_hash": config_hash(cfg)}),
-                        batch_size=cfg.cluster.manifest_rows * len(cfg.methods), num_cpus=0.5)
-    return ds
+    return write_and_commit(
+        ds, (WriteImages, dict(output=cfg.output, images={"restored": "restored"}, storage_options=so,
+                               retry=cfg.retry)),
+        (BenchmarkManifestWriter, dict(output=cfg.output, columns=manifest_columns(cfg), storage_options=so,
+                                       retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
+                                                                   "config_hash": config_hash(cfg)})),
+        rows=cfg.cluster.manifest_rows * len(cfg.methods))
 
 
+@refuse_on_driver
 def main(argv: list[str] | None = None) -> int:
     cfg: BenchmarkConfig = load_config(BenchmarkConfig, argv, __doc__, "benchmark")
     try:
@@ -142,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     so = cfg.storage_options or None
-    weights = check_weights_exist(cfg.dr2.weights, so) if cfg.dr2.weights else None
+    try:
+        check_dr2_params(cfg.dr2, cfg.model_size)
+    except ValueError as e:
+        raise DriverRefusal(str(e)) from None
+    weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
                   "pipeline demo whose DR2 numbers are NOT those of DR2")

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import pyarrow as pa
 
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig
+from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
 from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
@@ -43,6 +43,7 @@ from tasks.photo_stage import (
 )
 from tasks.pipeline import (
     ClusterConfig,
+    DriverRefusal,
     ResumeConfig,
     Summary,
     actor_pool,
@@ -53,11 +54,13 @@ from tasks.pipeline import (
     finish,
     load_config,
     process,
+    refuse_on_driver,
     timed,
     warn_random,
+    write_and_commit,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
-from tasks.weights import RANDOM_INIT, check_weights_exist
+from tasks.weights import RANDOM_INIT, check_weights
 from tasks.write_stage import WriteImages
 
 log = logging.getLogger("restore")
@@ -130,15 +133,14 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
-    ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=align,
-                                write_faces=ph.write_faces, png_compression=cfg.write.png_compression,
-                                constants=constants, storage_options=so, retry=cfg.retry,
-                                face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else [])),
-                        batch_size=ph.batch_size, num_cpus=1)
     columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
-    return ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=columns, storage_options=so,
-                                  retry=cfg.retry, constants=constants),
-                          batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
+    return write_and_commit(
+        ds, (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
+                                 png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
+                                 retry=cfg.retry, face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []))),
+        (ManifestWriter, dict(output=cfg.output, columns=columns, storage_options=so, retry=cfg.retry,
+                              constants=constants)),
+        rows=ph.batch_size)  # whole photos: a shard per photo batch keeps a task's memory bounded
 
 
 def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
@@ -170,16 +172,15 @@ def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     else:
         raise ValueError(f"topology must be 'shared' or 'separate', got {cfg.topology!r}")
     images = {"restored": "restored", **({"dr2": "dr2"} if cfg.write.dr2 else {})}
-    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images=images,
-                                png_compression=cfg.write.png_compression, storage_options=so, retry=cfg.retry),
-                        batch_size=cfg.runtime.batch_size, num_cpus=1)
-    ds = ds.map_batches(as_task(ManifestWriter, output=cfg.output,
-                                columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                                storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version)),
-                        batch_size=cfg.cluster.manifest_rows, num_cpus=0.5)
-    return ds
+    return write_and_commit(
+        ds, (WriteImages, dict(output=cfg.output, images=images, png_compression=cfg.write.png_compression,
+                               storage_options=so, retry=cfg.retry)),
+        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
+                              storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version))),
+        rows=cfg.cluster.manifest_rows)
 
 
+@refuse_on_driver
 def main(argv: list[str] | None = None) -> int:
     cfg: RestoreConfig = load_config(RestoreConfig, argv, __doc__, "restore")
     so = cfg.storage_options or None
@@ -190,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--photos.mode must be aligned, photos or auto, got %r", cfg.photos.mode)
         return 2
     net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
-    weights = check_weights_exist(net.weights, so) if net.weights else None
+    if cfg.method == "dr2":
+        try:
+            check_dr2_params(cfg.dr2, cfg.image.size)
+        except ValueError as e:
+            raise DriverRefusal(str(e)) from None
+    weights = check_weights(net.weights, so, net.sha256) if net.weights else None
     if cfg.enhancer.weights:
-        check_weights_exist(cfg.enhancer.weights, so)
+        check_weights(cfg.enhancer.weights, so)
     # the dynamic method's blur mapper: a DR2 network of its own unless the prior is one
     separate_dr2 = False
     if cfg.method == "dynamic":
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for extra in (cfg.dr2.weights if separate_dr2 else None, cfg.dynamic.estimator_weights,
                       cfg.dynamic.scale_map_weights):
             if extra:
-                check_weights_exist(extra, so)
+                check_weights(extra, so)
     if not weights and not net.allow_random_weights:
         if cfg.method == "dynamic":
             log.error("no dynamic prior weights configured: pass --dynamic.weights PATH_OR_URI (DR2_FFHQ.pkl for "
