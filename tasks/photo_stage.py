@@ -9,8 +9,10 @@ a crashed run and rewritten by the rerun is deduplicated on that key by `read_ma
 Stages (restore.py assembles them when photos.mode is photos or auto):
   LoadPhotos (CPU task)     read + decode any size; error rows for bad input; per-photo (N, tau)
   DetectAlign (CPU actors)  detector built once per actor; plan_faces decides ok/too_small/over_cap/invalid
-  PhotoRestore (GPU actors) every ok crop of the batch's photos in one restoration batch (DR2 or dynamic)
-  PasteAndWrite (CPU task)  paste-back, PNGs, the face rows' shard
+  PhotoRestore (GPU actors) every ok crop of the batch's photos in one restoration batch (DR2 or dynamic);
+                            with --photos.upscale S and a network upsampler, the photos' backgrounds too
+                            (tiled, tasks/upsample.py); with a parser, each restored face's parsing mask
+  PasteAndWrite (CPU task)  paste-back at the upscaled geometry, PNGs, the face rows' shard
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tasks.images import decode_image, resize_to
 from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
 from tasks.storage import join_under
+from tasks.upsample import TiledUpsampler, UpsamplerConfig
 from tasks.write_stage import put_png
 
 MODES = ("aligned", "photos", "auto")
@@ -35,7 +38,8 @@ FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/re
 
 PHOTO_COLUMNS = [("kind", pa.string()), ("faces_detected", pa.int64()), ("faces_restored", pa.int64()),
                  ("faces_skipped", pa.int64()), ("detector", pa.string()), ("note", pa.string()),
-                 ("restored", pa.string())]
+                 ("restored", pa.string()), ("upscale", pa.int64()), ("upsampler", pa.string()),
+                 ("upsampler_weights", pa.string())]
 FACE_COLUMNS = [("photo_id", pa.string()), ("face_index", pa.int64()), ("score", pa.float64()),
                 ("box", pa.list_(pa.float64())), ("landmarks", pa.list_(pa.float64())),
                 ("eye_distance", pa.float64()), ("face_side", pa.float64()), ("border_fraction", pa.float64()),
@@ -57,8 +61,11 @@ class PhotoConfig:
     write_faces: bool = opt(True, "also write each restored face crop to faces/restored/<stem>_fNN.png")
     exif_orientation: bool = opt(True, "turn photos upright by their EXIF Orientation tag before detection (the "
                                        "restored photo is written upright, without EXIF)")
+    upscale: int = opt(1, "the restored photo is this many times the input's size: the background comes from "
+                          "photos.upsampler, faces are pasted at the upscaled geometry (1 = input size)")
     detector: DetectorConfig = DetectorConfig(device="cpu")
     align: AlignConfig = AlignConfig()
+    upsampler: UpsamplerConfig = UpsamplerConfig()
 
 
 def face_id(photo_id: str, index: int) -> str:
@@ -164,9 +171,28 @@ class PhotoRestore:
     ANNOTATIONS = ("seed", "weights", "omega", "enhancer_weights", "restore_method", "sigma_est", "guide_sigmas",
                    "start_t", "eta")
 
-    def __init__(self, stage_cls, stage_kwargs: dict, chunk: int):
+    def __init__(self, stage_cls, stage_kwargs: dict, chunk: int, upsampler: UpsamplerConfig | None = None,
+                 upscale: int = 1):
         self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))
         self.weights = getattr(self.stage, "weights", None) or self.stage.dr2.weights  # DynamicStage | RestoreStage
+        self.upsampler = None
+        if upsampler is not None and upscale > 1:  # a network upsampler, on the restoration's device
+            from tasks.dr2_stage import half_dtype
+
+            device = getattr(self.stage, "device", None) or self.stage.dr2.device
+            self.upsampler = TiledUpsampler(upsampler, upscale, device, half_dtype(stage_kwargs["runtime"], device),
+                                            stage_kwargs.get("storage_options"))
+
+    def _backgrounds(self, batch: dict[str, np.ndarray]) -> None:
+        """The upscaled backgrounds of the batch's ok whole photos, tiled and batched across photos."""
+        n = len(batch["id"])
+        todo = [k for k in range(n) if batch["status"][k] == "ok" and batch["kind"][k] == "photo"]
+        outs = self.upsampler([batch["photo"][k] for k in todo]) if todo else []
+        backgrounds = [np.zeros((1, 1, 3), np.uint8)] * n
+        for k, bg in zip(todo, outs):
+            backgrounds[k] = bg
+        batch["background"] = _objects(backgrounds)
+        batch["upsampler_weights"] = np.array([self.upsampler.identity] * n, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -196,6 +222,8 @@ class PhotoRestore:
         batch["restored_faces"] = _objects([np.stack(r) if r else _empty_crops(out_size) for r in restored])
         batch["faces_info"] = np.array([json.dumps(x) for x in info], dtype=object)
         batch["weights"] = np.array([self.weights] * n, dtype=object)
+        if self.upsampler is not None:
+            self._backgrounds(batch)
         return batch
 
 
@@ -217,9 +245,13 @@ class PasteAndWrite:
     """
 
     def __init__(self, output: str, align: AlignConfig, write_faces: bool, png_compression: int,
-                 constants: dict, storage_options: dict | None = None, face_columns: list | None = None):
+                 constants: dict, storage_options: dict | None = None, face_columns: list | None = None,
+                 upsampler: str = "none", upsampler_note: str = ""):
+        """align.upscale is the effective upscale (restore.py resolves it with tasks.upsample.resolve_upscale);
+        upsampler / upsampler_note: the label and fallback note every photo row records."""
         self.output, self.storage_options = output, storage_options
         self.align = align
+        self.upsampler, self.upsampler_note = upsampler, upsampler_note
         self.write_faces, self.png_compression = write_faces, png_compression
         self.faces_output = join_under(output, FACES_DIR)
         self.face_writer = ManifestWriter(self.faces_output, face_columns or FACE_COLUMNS, constants,
@@ -228,17 +260,27 @@ class PasteAndWrite:
     def _put(self, folder: str, stem: str, rgb: np.ndarray) -> str:
         return put_png(join_under(self.output, folder), stem, rgb, self.png_compression, self.storage_options)
 
+    def _background(self, batch, k: int) -> np.ndarray | None:
+        """The upsampler's output for photo k (None: paste_back resizes the photo itself)."""
+        if "background" not in batch:
+            return None
+        bg = batch["background"][k]
+        return bg if bg.flags.writeable else bg.copy()  # zero-copy from Ray's object store: read-only
+
     def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
         photo = batch["photo"][k]
         if batch["kind"][k] == "aligned":
             return faces[0], "aligned input: the restored crop"
-        if not rows:
-            return photo, "no faces detected: photo passed through unchanged"
+        up = self.align.upscale
+        unchanged = "passed through unchanged" if up == 1 else f"only upscaled x{up}"
         ok = [r for r in rows if r["status"] == "ok"]
-        if not ok:
-            return photo, "no face restorable (see faces manifest): photo passed through unchanged"
         matrices = [np.array(r["affine"], np.float64).reshape(2, 3) for r in ok]
-        return paste_back(photo, list(faces), matrices, self.align), ""
+        out = paste_back(photo, list(faces[: len(ok)]), matrices, self.align, canvas=self._background(batch, k))
+        if not rows:
+            return out, f"no faces detected: photo {unchanged}"
+        if not ok:
+            return out, f"no face restorable (see faces manifest): photo {unchanged}"
+        return out, ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -254,6 +296,8 @@ class PasteAndWrite:
                 faces, info = batch["restored_faces"][k], json.loads(batch["faces_info"][k])
                 stem, pid = str(batch["stem"][k]), str(batch["id"][k])
                 out, notes[k] = self._photo(batch, k, rows, faces)
+                if self.upsampler_note and batch["kind"][k] == "photo":
+                    notes[k] = "; ".join(x for x in (notes[k], self.upsampler_note) if x)
                 uris[k] = self._put("restored", stem, out)
                 detected[k] = len(rows) if batch["kind"][k] == "photo" else 0
                 j = 0
@@ -278,8 +322,14 @@ class PasteAndWrite:
             cols = {name: [r.get(name) for r in face_rows] for name in
                     {f.name for f in self.face_writer.schema}}
             write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options)
-        drop = ("photo", "crops", "restored_faces", "plans", "faces_info")
+        drop = ("photo", "crops", "restored_faces", "plans", "faces_info", "background")
         out = {key: v for key, v in batch.items() if key not in drop}
+        photo_rows = np.array([kind == "photo" for kind in batch["kind"]])
+        out["upscale"] = np.where(photo_rows, self.align.upscale, 1).astype(np.int64)
+        out["upsampler"] = np.array([self.upsampler if p else "none" for p in photo_rows], dtype=object)
+        label = self.upsampler if self.upsampler in ("none", "bicubic") else ""
+        weights = batch.get("upsampler_weights", np.array([label] * n, dtype=object))
+        out["upsampler_weights"] = np.array([w if p else "" for w, p in zip(weights, photo_rows)], dtype=object)
         out.update(restored=np.array(uris, dtype=object), note=np.array(notes, dtype=object),
                    faces_detected=detected, faces_restored=restored, faces_skipped=skipped,
                    status=np.array(status, dtype=object), error=np.array(error, dtype=object))

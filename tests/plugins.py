@@ -36,3 +36,19 @@ class CentreFaceDetector:
             out.append([self._face(0.0, 0.0, side / 4, 0.3),
                         self._face((w - side) / 2, (h - side) / 2, side, self.score)])
         return out
+
+
+class NearestUpsampler(torch.nn.Module):
+    """A parameter-free plug-in background upsampler (the interface of tasks/upsample.py): nearest x`scale`,
+    recording the largest input (pixels per forward) it was given."""
+
+    input_multiple = 1
+
+    def __init__(self, scale: int = 2):
+        super().__init__()
+        self.scale = scale
+        self.max_pixels = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.max_pixels = max(self.max_pixels, x.shape[0] * x.shape[2] * x.shape[3])
+        return torch.nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest")

@@ -11,6 +11,8 @@ Whole photos (--photos.mode photos, or auto: non-square inputs): read+decode -> 
 to the FFHQ template (CPU actors) -> restore every face of a batch of photos together (GPU actors) ->
 feathered paste-back + write (CPU tasks) -> one manifest row per photo (manifest/) and one per face
 (faces/manifest/: box, landmarks, score, status: ok | too_small | over_cap | invalid). See tasks/photo_stage.py.
+--photos.upscale 2 --photos.upsampler.weights RealESRGAN_x2plus.pth: the photo comes out twice its size, the
+background from Real-ESRGAN (tiled on the restoration actors), the faces pasted at the upscaled geometry.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from tasks.pipeline import (
     warn_random,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.upsample import resolve_upscale, runs_network
 from tasks.weights import RANDOM_INIT, check_weights_exist
 from tasks.write_stage import WriteImages
 
@@ -106,7 +109,10 @@ def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
 def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     """Whole photos: load -> detect+align (CPU actors) -> restore crops (GPU actors) -> paste+write -> manifest."""
     so, ph, dynamic = cfg.storage_options or None, cfg.photos, cfg.method == "dynamic"
-    align = dataclasses.replace(ph.align, face_size=cfg.image.size)  # faces are aligned at the model's size
+    upscale, upsampler, upsampler_note = resolve_upscale(ph.upsampler, ph.upscale)
+    # faces are aligned at the model's size, and pasted at the effective upscale
+    align = dataclasses.replace(ph.align, face_size=cfg.image.size, upscale=upscale)
+    network = upscale > 1 and runs_network(ph.upsampler)
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
     ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
@@ -122,14 +128,16 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                                                                                        dict(dr2=cfg.dr2))
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
     ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
-                                                                 chunk=cfg.runtime.batch_size),
+                                                                 chunk=cfg.runtime.batch_size, upscale=upscale,
+                                                                 upsampler=ph.upsampler if network else None),
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
     ds = ds.map_batches(as_task(PasteAndWrite, output=cfg.output, align=align,
                                 write_faces=ph.write_faces, png_compression=cfg.write.png_compression,
                                 constants=constants, storage_options=so,
-                                face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else [])),
+                                face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
+                                upsampler=upsampler, upsampler_note=upsampler_note),
                         batch_size=ph.batch_size, num_cpus=1)
     columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
     return ds.map_batches(as_task(ManifestWriter, output=cfg.output, columns=columns, storage_options=so,
@@ -184,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.photos.mode not in ("aligned", "photos", "auto"):
         log.error("--photos.mode must be aligned, photos or auto, got %r", cfg.photos.mode)
         return 2
+    if cfg.photos.mode != "aligned":
+        try:
+            upscale, _, upsampler_note = resolve_upscale(cfg.photos.upsampler, cfg.photos.upscale)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+        if cfg.photos.upsampler.weights:
+            check_weights_exist(cfg.photos.upsampler.weights, so)
     net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
     weights = check_weights_exist(net.weights, so) if net.weights else None
     if cfg.enhancer.weights:
@@ -208,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if random_parts:
         warn_random(summary, f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are "
                              "NOT restorations. The manifest's weights columns say random-init.")
+    if cfg.photos.mode != "aligned" and upsampler_note:
+        warn_random(summary, f"BACKGROUND UPSAMPLER WITHOUT WEIGHTS: {upsampler_note} (photos.upscale "
+                             f"{cfg.photos.upscale} -> {upscale}); every photo row says so.")
+    if cfg.photos.mode != "aligned" and cfg.photos.upscale > 1 and cfg.photos.upsampler.allow_random_weights \
+            and not cfg.photos.upsampler.weights and runs_network(cfg.photos.upsampler):
+        warn_random(summary, "RANDOM-INIT BACKGROUND UPSAMPLER: photos.upsampler.allow_random_weights without "
+                             "weights; the backgrounds are NOT upscaled photos.")
     process(cfg, summary, build_pipeline, version)
     finish(summary, so)
     return 0
