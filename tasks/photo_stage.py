@@ -29,6 +29,7 @@ from tasks.detect import DetectorConfig, build_detector
 from tasks.images import decode_image, resize_to
 from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
+from tasks.parsing import FaceParser, ParserConfig
 from tasks.storage import join_under
 from tasks.upsample import TiledUpsampler, UpsamplerConfig
 from tasks.write_stage import put_png
@@ -39,7 +40,7 @@ FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/re
 PHOTO_COLUMNS = [("kind", pa.string()), ("faces_detected", pa.int64()), ("faces_restored", pa.int64()),
                  ("faces_skipped", pa.int64()), ("detector", pa.string()), ("note", pa.string()),
                  ("restored", pa.string()), ("upscale", pa.int64()), ("upsampler", pa.string()),
-                 ("upsampler_weights", pa.string())]
+                 ("upsampler_weights", pa.string()), ("parser", pa.string())]
 FACE_COLUMNS = [("photo_id", pa.string()), ("face_index", pa.int64()), ("score", pa.float64()),
                 ("box", pa.list_(pa.float64())), ("landmarks", pa.list_(pa.float64())),
                 ("eye_distance", pa.float64()), ("face_side", pa.float64()), ("border_fraction", pa.float64()),
@@ -66,6 +67,7 @@ class PhotoConfig:
     detector: DetectorConfig = DetectorConfig(device="cpu")
     align: AlignConfig = AlignConfig()
     upsampler: UpsamplerConfig = UpsamplerConfig()
+    parser: ParserConfig = ParserConfig()
 
 
 def face_id(photo_id: str, index: int) -> str:
@@ -172,14 +174,16 @@ class PhotoRestore:
                    "start_t", "eta")
 
     def __init__(self, stage_cls, stage_kwargs: dict, chunk: int, upsampler: UpsamplerConfig | None = None,
-                 upscale: int = 1):
+                 upscale: int = 1, parser: ParserConfig | None = None):
         self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))
         self.weights = getattr(self.stage, "weights", None) or self.stage.dr2.weights  # DynamicStage | RestoreStage
-        self.upsampler = None
+        self.upsampler = self.parser = None
+        device = getattr(self.stage, "device", None) or self.stage.dr2.device
+        if parser is not None and parser.name != "none":
+            self.parser = FaceParser(parser, device, stage_kwargs.get("storage_options"))
         if upsampler is not None and upscale > 1:  # a network upsampler, on the restoration's device
             from tasks.dr2_stage import half_dtype
 
-            device = getattr(self.stage, "device", None) or self.stage.dr2.device
             self.upsampler = TiledUpsampler(upsampler, upscale, device, half_dtype(stage_kwargs["runtime"], device),
                                             stage_kwargs.get("storage_options"))
 
@@ -224,6 +228,10 @@ class PhotoRestore:
         batch["weights"] = np.array([self.weights] * n, dtype=object)
         if self.upsampler is not None:
             self._backgrounds(batch)
+        if self.parser is not None:  # per photo (K, S, S) float16 parsing masks of its restored faces
+            batch["face_masks"] = _objects([self.parser(f) if kind == "photo" else None
+                                            for f, kind in zip(batch["restored_faces"], batch["kind"])])
+            batch["parser"] = np.array([self.parser.identity] * n, dtype=object)
         return batch
 
 
@@ -275,7 +283,9 @@ class PasteAndWrite:
         unchanged = "passed through unchanged" if up == 1 else f"only upscaled x{up}"
         ok = [r for r in rows if r["status"] == "ok"]
         matrices = [np.array(r["affine"], np.float64).reshape(2, 3) for r in ok]
-        out = paste_back(photo, list(faces[: len(ok)]), matrices, self.align, canvas=self._background(batch, k))
+        masks = list(batch["face_masks"][k]) if "face_masks" in batch else None
+        out = paste_back(photo, list(faces[: len(ok)]), matrices, self.align, canvas=self._background(batch, k),
+                         masks=masks)
         if not rows:
             return out, f"no faces detected: photo {unchanged}"
         if not ok:
@@ -322,7 +332,7 @@ class PasteAndWrite:
             cols = {name: [r.get(name) for r in face_rows] for name in
                     {f.name for f in self.face_writer.schema}}
             write_shard(self.face_writer.table(cols), self.faces_output, self.storage_options)
-        drop = ("photo", "crops", "restored_faces", "plans", "faces_info", "background")
+        drop = ("photo", "crops", "restored_faces", "plans", "faces_info", "background", "face_masks")
         out = {key: v for key, v in batch.items() if key not in drop}
         photo_rows = np.array([kind == "photo" for kind in batch["kind"]])
         out["upscale"] = np.where(photo_rows, self.align.upscale, 1).astype(np.int64)
@@ -330,6 +340,8 @@ class PasteAndWrite:
         label = self.upsampler if self.upsampler in ("none", "bicubic") else ""
         weights = batch.get("upsampler_weights", np.array([label] * n, dtype=object))
         out["upsampler_weights"] = np.array([w if p else "" for w, p in zip(weights, photo_rows)], dtype=object)
+        parser = batch.get("parser", np.array(["none"] * n, dtype=object))
+        out["parser"] = np.array([w if p else "" for w, p in zip(parser, photo_rows)], dtype=object)
         out.update(restored=np.array(uris, dtype=object), note=np.array(notes, dtype=object),
                    faces_detected=detected, faces_restored=restored, faces_skipped=skipped,
                    status=np.array(status, dtype=object), error=np.array(error, dtype=object))

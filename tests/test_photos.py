@@ -180,7 +180,8 @@ def test_dynamic_method_on_whole_photos(ray_local, tmp_path):
 
 
 def test_upscaled_photo_background_from_the_upsampler(ray_local, tmp_path):
-    """--photos.upscale 2 with a (tiny, random) RRDBNet: 2x photo, faces at 2x geometry, the rest upsampled."""
+    """--photos.upscale 2 with a (tiny, random) RRDBNet: 2x photo, faces at 2x geometry, the rest upsampled;
+    faces blended through a (plug-in) parser's mask."""
     import torch
 
     from tasks.upsample import TiledUpsampler, UpsamplerConfig
@@ -193,11 +194,12 @@ def test_upscaled_photo_background_from_the_upsampler(ray_local, tmp_path):
     assert restore([*FAST, "--photos.mode", "photos", "--photos.upscale", "2", "--photos.upsampler.scale", "2",
                     "--photos.upsampler.kwargs", json.dumps(tiny), "--photos.upsampler.allow-random-weights", "true",
                     "--photos.upsampler.tile", "200", "--photos.upsampler.pixel-budget", "100000",
-                    "--input", str(src), "--output", str(out)]) == 0
+                    "--photos.parser.name", "tests.plugins:DiscParser", "--input", str(src), "--output", str(out)]) == 0
     photo = read_manifest(str(out)).iloc[0]
     faces = read_manifest(str(out / "faces"))
     assert photo["upscale"] == 2 and photo["upsampler"] == "realesrgan-x2"
     assert photo["upsampler_weights"] == "random-init:realesrgan" and photo["faces_restored"] == 2, photo.to_dict()
+    assert photo["parser"] == "tests.plugins:DiscParser"
     after = _rgb(photo["restored"])
     assert after.shape == (928, 1400, 3)
     cfg = UpsamplerConfig(scale=2, kwargs=tiny, allow_random_weights=True, tile=200, pixel_budget=100_000)

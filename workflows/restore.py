@@ -129,7 +129,8 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
     ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
                                                                  chunk=cfg.runtime.batch_size, upscale=upscale,
-                                                                 upsampler=ph.upsampler if network else None),
+                                                                 upsampler=ph.upsampler if network else None,
+                                                                 parser=ph.parser),
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
@@ -200,6 +201,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if cfg.photos.upsampler.weights:
             check_weights_exist(cfg.photos.upsampler.weights, so)
+        parser = cfg.photos.parser
+        if parser.name not in ("none", "bisenet") and "." not in parser.name and ":" not in parser.name:
+            log.error("--photos.parser.name must be none, bisenet or a plug-in 'pkg.module:Class', got %r", parser.name)
+            return 2
+        if parser.name == "bisenet" and list(parser.regions) != ["codeformer"] and not parser.labels:
+            from models.bisenet import LABELS
+
+            unknown = [r for r in parser.regions if r not in LABELS]
+            if unknown:
+                log.error("--photos.parser.regions %s unknown: allowed %s or [codeformer]", unknown, ", ".join(LABELS))
+                return 2
+        if cfg.photos.parser.weights:
+            check_weights_exist(cfg.photos.parser.weights, so)
+        elif cfg.photos.parser.name == "bisenet" and not cfg.photos.parser.allow_random_weights:
+            log.error("--photos.parser.name bisenet needs --photos.parser.weights (parsing_bisenet.pth); "
+                      "--photos.parser.name none keeps the soft eroded mask")
+            return 2
     net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
     weights = check_weights_exist(net.weights, so) if net.weights else None
     if cfg.enhancer.weights:
