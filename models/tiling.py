@@ -2,8 +2,10 @@
 
 A photo is cut into cores of `tile` px; each core is run inside a window that adds `pad` px of context on
 every side (shifted inwards at the photo's edges, so every window of a photo has the same size) and only the
-core of the output is kept, as Real-ESRGAN's tile mode does. Same-size windows of several photos are
-stacked into one forward pass (`batch` windows), so the network sees a few fixed shapes. Outputs are written
+core of the output is kept, as Real-ESRGAN's tile mode does. A photo's windows are stacked into forward
+passes of `batch` windows; with across_images, same-size windows of several photos share them (fewer, fuller
+forwards, but batched convolutions differ in the last bits with the batch's composition, so a photo's result
+would then depend on the photos beside it). Outputs are written
 straight into uint8 arrays: memory is the photos, their outputs, and one batch of windows.
 
 Where an output pixel's receptive field fits inside its window the result equals the untiled one; with
@@ -80,12 +82,13 @@ def _padded(image: np.ndarray, multiple: int) -> np.ndarray:
 @torch.inference_mode()
 def tiled_upscale(fn: Callable[[torch.Tensor], torch.Tensor], images: list[np.ndarray], scale: int, *,
                   out_scale: int | None = None, tile: int = 0, pad: int = 0, batch: int = 1, multiple: int = 1,
-                  device: torch.device | str = "cpu") -> list[np.ndarray]:
+                  device: torch.device | str = "cpu", across_images: bool = False) -> list[np.ndarray]:
     """Each uint8 (H, W, 3) image -> uint8 (H*out_scale, W*out_scale, 3) through fn (a x`scale` network).
 
     out_scale (default scale) must divide scale: a smaller one is an exact box mean of the network's output
     per core (INTER_AREA on an integer factor), so tiling does not change it. tile 0 = whole images.
-    batch: windows per forward; windows are batched across images when their sizes agree.
+    batch: windows per forward, within an image (deterministic per image), or across images of the same
+    window size with across_images.
     """
     out_scale = scale if out_scale is None else int(out_scale)
     if out_scale < 1 or scale % out_scale:
@@ -102,10 +105,10 @@ def tiled_upscale(fn: Callable[[torch.Tensor], torch.Tensor], images: list[np.nd
         src = _padded(img, multiple)
         sources.append(src)
         jobs += [(i, win) for win in plan_windows(src.shape[0], src.shape[1], tile, pad, multiple)]
-    groups: dict[tuple[int, int], list] = {}
+    groups: dict[tuple[int, int, int], list] = {}
     for job in jobs:
-        win = job[1]
-        groups.setdefault((win.wy1 - win.wy0, win.wx1 - win.wx0), []).append(job)
+        i, win = job
+        groups.setdefault((-1 if across_images else i, win.wy1 - win.wy0, win.wx1 - win.wx0), []).append(job)
     for group in groups.values():
         for k in range(0, len(group), max(1, batch)):
             chunk = group[k : k + max(1, batch)]

@@ -101,11 +101,15 @@ class FaceParser:
         self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def labels(self, faces: np.ndarray, chunk: int = 8) -> np.ndarray:
-        """(K, 512, 512) int class map (argmax) of restored crops, resized to 512 bilinearly as CodeFormer."""
+    def labels(self, faces: np.ndarray) -> np.ndarray:
+        """(K, 512, 512) int class map (argmax) of restored crops, resized to 512 bilinearly as CodeFormer.
+
+        One face per forward: batched convolutions differ in the last bits with the batch's composition, and a
+        face's mask must not depend on the faces beside it (the parser costs little next to restoration).
+        """
         out = []
-        for i in range(0, len(faces), chunk):
-            x = torch.from_numpy(np.ascontiguousarray(faces[i : i + chunk])).to(self.device)
+        for i in range(len(faces)):
+            x = torch.from_numpy(np.ascontiguousarray(faces[i : i + 1])).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             if x.shape[-1] != PARSE_SIZE:
                 x = F.interpolate(x, (PARSE_SIZE, PARSE_SIZE), mode="bilinear", align_corners=False)

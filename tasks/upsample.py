@@ -1,8 +1,9 @@
 """Background upsampler of whole photos (--photos.upscale S): Real-ESRGAN's RRDBNet, bicubic, or a plug-in.
 
 The network runs tiled (models/tiling.py) on the restoration actor's device: tiles of `tile` input px with
-`pad` px of context, as many per forward as fit `pixel_budget` input px, stacked across the photos of a
-batch. So a photo of any size the decoder accepts costs one budget of activations, plus its output.
+`pad` px of context, as many per forward as fit `pixel_budget` input px (within a photo, or across the
+photos of a batch with `across_photos`). So a photo of any size the decoder accepts costs one budget of
+activations, plus its output.
 
 Without weights the upsampler falls back (`fallback`): bicubic (the photo is resized with
 photos.align.enlarge_interp in the paste-back task) or none (the photo keeps its size, upscale 1). The driver
@@ -52,6 +53,9 @@ class UpsamplerConfig:
                        "seams vanish when it reaches the network's receptive radius")
     pixel_budget: int = opt(2_000_000, "input px per forward (tiles x (tile + 2 pad)^2): bounds the actor's "
                                        "activation memory whatever the photo size; tiles shrink to fit it")
+    across_photos: bool = opt(False, "stack same-size tiles of different photos into one forward (fuller batches "
+                                     "for small photos on a GPU); off: a photo's result does not depend on the "
+                                     "photos beside it (batched convolutions differ in the last bits)")
     allow_random_weights: bool = opt(False, "run a network upsampler without weights (random-init; tests only)")
 
     def __post_init__(self):
@@ -144,7 +148,8 @@ class TiledUpsampler:
     def __call__(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         tile, batch = self.tile_and_batch()
         return tiled_upscale(self._forward, photos, self.scale, out_scale=self.upscale, tile=tile,
-                             pad=self.cfg.pad, batch=batch, multiple=self.multiple, device=self.device)
+                             pad=self.cfg.pad, batch=batch, multiple=self.multiple, device=self.device,
+                             across_images=self.cfg.across_photos)
 
 
 def build_weighted(factory, kwargs: dict, cfg: UpsamplerConfig, label: str, storage_options: dict | None):

@@ -19,7 +19,8 @@ def test_bench_upsampler_speed_table(capsys):
         assert r["seconds"] > 0 and abs(r["mpx_per_s"] - 96 * 64 / 1e6 / r["seconds"]) < 1e-9
         assert abs(r["out_mpx_per_s"] - 4 * r["mpx_per_s"]) < 1e-9  # x2: 4 output px per input px
         assert abs(r["ratio_to_untiled"] - r["mpx_per_s"] / rows[0]["mpx_per_s"]) < 1e-9
-    assert rows[1]["overlap"] == (40 / 32) ** 2
+    # 96x64 at tile 32 pad 4: 3x2 windows of 40x40 over 6144 px
+    assert rows[1]["windows"] == 6 and rows[1]["overlap"] == 6 * 40 * 40 / (96 * 64)
     out = capsys.readouterr().out
     assert "untiled (baseline)" in out and "| tile 32 pad 4 |" in out
 

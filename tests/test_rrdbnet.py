@@ -126,9 +126,13 @@ def test_tiled_equals_untiled_where_the_receptive_field_fits(scale, size):
 def test_batching_across_photos_and_out_scale():
     model = tiny(4)
     imgs = [photo(64, 80, 1), photo(64, 80, 2), photo(40, 30, 3)]
-    one_by_one = [tiled_upscale(model, [im], 4, tile=32, pad=16, batch=1)[0] for im in imgs]
-    together = tiled_upscale(model, imgs, 4, tile=32, pad=16, batch=5)
-    for a, b in zip(one_by_one, together):
+    one_by_one = [tiled_upscale(model, [im], 4, tile=32, pad=16, batch=3)[0] for im in imgs]
+    # a photo's forwards are its own (same windows, same chunks) whatever photos come with it: equal bytes
+    together = tiled_upscale(model, imgs, 4, tile=32, pad=16, batch=3)
+    assert all(np.array_equal(a, b) for a, b in zip(one_by_one, together))
+    # across images: fuller forwards, the same up to the last bits of batched convolutions
+    shared = tiled_upscale(model, imgs, 4, tile=32, pad=16, batch=5, across_images=True)
+    for a, b in zip(one_by_one, shared):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     # out_scale 2 from the x4 network: the 2x2 box mean of its output, tile by tile
     half = tiled_upscale(model, imgs[:1], 4, out_scale=2, tile=32, pad=16)[0]
