@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from models.bisenet import LABELS, BiSeNet
 from tasks.config import opt
 from tasks.plugins import build_network, import_plugin
+from tasks.weights import load_weights
 
 FACE_REGIONS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "mouth", "u_lip", "l_lip")
 # CodeFormer's MASK_COLORMAP (255 for ParseNet labels 1-13 and 15), named: everything but background, hat,
@@ -66,10 +67,13 @@ def build_parser(cfg: ParserConfig, storage_options: dict | None = None):
     else:
         factory, kwargs = import_plugin(cfg.name, "photos.parser.name", "none, bisenet"), dict(cfg.kwargs)
     model, identity = build_network(
-        factory, kwargs, name=cfg.name, weights=cfg.weights, sha256=cfg.sha256, storage_options=storage_options,
-        allow_random_weights=cfg.allow_random_weights,
+        factory, kwargs, name=cfg.name, weights=None, sha256=None, storage_options=storage_options,
+        allow_random_weights=cfg.allow_random_weights or bool(cfg.weights),
         missing=f"no weights configured for photos.parser.name {cfg.name!r}: set photos.parser.weights "
                 "(parsing_bisenet.pth), or photos.parser.name none for the soft eroded mask")
+    if cfg.weights:  # strict, but a checkpoint from before torch 0.4.1 has no BatchNorm num_batches_tracked
+        identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options,
+                                optional_suffixes=("num_batches_tracked",))
     labels = tuple(cfg.labels) or tuple(getattr(model, "labels", ()))
     unknown = [r for r in region_names(cfg) if r not in labels]
     if unknown:

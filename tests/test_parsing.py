@@ -11,7 +11,7 @@ import torch
 from models.bisenet import LABELS, BiSeNet
 from tasks.align import AlignConfig, face_layer, paste_back, similarity_to_template
 from tasks.parsing import CODEFORMER_REGIONS, FaceParser, ParserConfig, build_parser, parse_mask
-from tasks.weights import load_weights
+from tasks.weights import WeightsError, load_weights
 from tests.test_align import face_at, full_mask, landmarks_for
 from tests.test_rrdbnet import read_layout
 
@@ -33,6 +33,16 @@ def test_full_size_bisenet_loads_parsing_bisenet_layout_strictly(tmp_path):
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 19, 64, 64)
+    # through photos.parser: the same file, and one saved without BatchNorm's num_batches_tracked (torch < 0.4.1)
+    old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    for name in ("parsing_bisenet.pth", "old.pth"):
+        parsed, identity, _ = build_parser(ParserConfig(name="bisenet", weights=str(tmp_path / name)))
+        assert identity.endswith(name) and torch.equal(parsed.conv_out.conv_out.weight, sd["conv_out.conv_out.weight"])
+    sd.pop("ffm.conv1.weight")
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match="1 missing.*ffm.conv1.weight"):
+        build_parser(ParserConfig(name="bisenet", weights=str(tmp_path / "broken.pth")))
 
 
 def test_mask_post_processing_is_codeformers():
