@@ -5,6 +5,7 @@
     scripts/env.sh python bench/bench_photos.py --enhancer sparnethd --json out/bench_photos.json
     scripts/env.sh python bench/bench_photos.py --input data/photos,astronaut --repeats 3
     scripts/env.sh python bench/bench_photos.py --arch ffhq256 --device cuda      # on a GPU node
+    scripts/env.sh python bench/bench_photos.py --upscale 2 --upsampler-arch full --upsampler-tile 64
 
 One process, no Ray: the stage callables of a --photos.mode photos job, called in a loop.
 1. Photos: data/photos/*.jpg, every photo in <shared>/data/faces/whole (tests/vectors.py's SHARED, so
@@ -20,7 +21,12 @@ One process, no Ray: the stage callables of a --photos.mode photos job, called i
      restoration:  RestoreStage built as PhotoRestore builds it (DR2 --arch at --size, --N/--tau, random seeded
                    weights, then the enhancer at --enhancer-size), called on all ok crops of the run in chunks
                    of --batch-size (PhotoRestore chunks the crops of a batch of photos the same way).
-     paste-back:   paste_back of each photo's restored crops (AlignConfig defaults; no PNG encoding).
+     upsampling:   (--upscale > 1 only) the photos' backgrounds: TiledUpsampler as PhotoRestore runs it (RRDBNet
+                   --upsampler-arch with random seeded weights, x--upscale, --upsampler-tile/-pad/-budget), all
+                   photos of the pass in one call; or --upsampler bicubic (the fallback, cv2.resize). Attributed to
+                   the photos by their pixel share.
+     paste-back:   paste_back of each photo's restored crops onto its background (AlignConfig defaults, upscale
+                   --upscale; no PNG encoding).
    ms/face and faces/s divide by the faces restored (status ok); "detect+align+paste" is the three CPU stages
    together, and its share is of the four stages' total.
 3. The tiny CPU DR2 is not representative of restoration's cost, so the share is also projected with a per-face
@@ -29,7 +35,7 @@ One process, no Ray: the stage callables of a --photos.mode photos job, called i
    issue 7's GPU target: a projection from a target, NOT a measurement). When the run's crops are smaller than
    the full-size ones (align 256, restored 512), plan+align and paste-back are timed again at those sizes on
    the same detections (the aligned crop bicubic-upscaled stands in for the restored one) and the projections
-   use those figures.
+   use those figures (at upscale 1: the projections leave the upsampler out).
 Torch and OpenCV run --threads threads (default 1: a per-core figure; Ray's CPU actors default to 1 thread).
 """
 
@@ -82,6 +88,7 @@ README_S_PER_FORWARD, README_FORWARDS = 7.7, 21
 FULL_FACE_SIZE, FULL_RESTORED_SIZE = 256, 512  # DR2's input and the enhancer's output in a full-size job
 CPU_STAGES = ("detection", "plan+align", "paste-back")
 STAGES = ("detection", "plan+align", "restoration", "paste-back")
+UPSCALED_STAGES = ("detection", "plan+align", "restoration", "upsampling", "paste-back")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -114,6 +121,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                     "--detector-device)")
     g.add_argument("--precision", default="bf16", help="runtime.precision on CUDA")
     g.add_argument("--seed", type=int, default=0, help="job seed (noise per face id)")
+    g = p.add_argument_group("background upsampling (--photos.upscale)")
+    g.add_argument("--upscale", type=int, default=1, help="photos.upscale: 1 = no upsampling stage")
+    g.add_argument("--upsampler", choices=("realesrgan", "bicubic"), default="realesrgan",
+                   help="photos.upsampler.name (realesrgan: random seeded RRDBNet at the network scale --upscale)")
+    g.add_argument("--upsampler-arch", choices=("tiny", "full"), default="tiny",
+                   help="RRDBNet size: tiny (16 features, 2 blocks) or full (Real-ESRGAN's 64, 23)")
+    g.add_argument("--upsampler-tile", type=int, default=400, help="photos.upsampler.tile")
+    g.add_argument("--upsampler-pad", type=int, default=10, help="photos.upsampler.pad")
+    g.add_argument("--upsampler-budget", type=int, default=2_000_000, help="photos.upsampler.pixel_budget")
     g = p.add_argument_group("measurement")
     g.add_argument("--threads", type=int, default=1, help="torch intra-op and OpenCV threads (0 = the libraries' "
                                                           "defaults)")
@@ -128,8 +144,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "and paste-back at those sizes for the projections")
     g.add_argument("--json", default=None, help="write every figure (table, per-photo rows, projections) here")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.batch_size < 1 or args.photos < 0:
-        p.error("--repeats and --batch-size must be >= 1, --photos >= 0")
+    if args.repeats < 1 or args.batch_size < 1 or args.photos < 0 or args.upscale < 1:
+        p.error("--repeats, --batch-size and --upscale must be >= 1, --photos >= 0")
+    if args.upsampler == "realesrgan" and args.upscale not in (1, 2, 4):
+        p.error("--upscale must be 1, 2 or 4 with --upsampler realesrgan")
     return args
 
 
@@ -210,6 +228,7 @@ class PhotoResult:
     plans: list = field(default_factory=list)
     crops: list = field(default_factory=list)
     restored: list = field(default_factory=list)
+    background: np.ndarray | None = None
     seconds: dict = field(default_factory=dict)
 
     @property
@@ -232,14 +251,32 @@ def plan_align(photo: Photo, r: PhotoResult, cfg: AlignConfig) -> tuple[list, li
     return plans, crops, time.perf_counter() - t
 
 
-def paste(photo: Photo, plans: list, restored: list, cfg: AlignConfig) -> float:
-    """As PasteAndWrite._photo: paste_back of the ok faces (nothing to do without one); seconds."""
+def paste(photo: Photo, plans: list, restored: list, cfg: AlignConfig, background: np.ndarray | None = None) -> float:
+    """As PasteAndWrite._photo: paste_back of the ok faces onto the background (nothing to do without a face);
+    seconds."""
     ok = [p for p in plans if p.status == "ok"]
     if not ok:
         return 0.0
+    canvas = None if background is None else background.copy()  # untimed: the actor hands over its own copy
     t = time.perf_counter()
-    paste_back(photo.rgb, list(restored), [p.matrix for p in ok], cfg)
+    paste_back(photo.rgb, list(restored), [p.matrix for p in ok], cfg, canvas=canvas)
     return time.perf_counter() - t
+
+
+def upsample(photos: list[Photo], results: list[PhotoResult], upsampler, upscale: int) -> None:
+    """As PhotoRestore._backgrounds: every photo's background in one call (bicubic: cv2.resize per photo);
+    the time is attributed by pixel share."""
+    t = time.perf_counter()
+    if upsampler is None:
+        outs = [cv2.resize(ph.rgb, (ph.rgb.shape[1] * upscale, ph.rgb.shape[0] * upscale),
+                           interpolation=cv2.INTER_CUBIC) for ph in photos]
+    else:
+        outs = upsampler([ph.rgb for ph in photos])
+    sec = time.perf_counter() - t
+    pixels = sum(ph.rgb.shape[0] * ph.rgb.shape[1] for ph in photos)
+    for ph, r, bg in zip(photos, results, outs):
+        r.background = bg
+        r.seconds["upsampling"] = sec * ph.rgb.shape[0] * ph.rgb.shape[1] / pixels
 
 
 def restore(stage: RestoreStage, results: list[PhotoResult], chunk: int, N: int, tau: int) -> float:
@@ -264,8 +301,9 @@ def restore(stage: RestoreStage, results: list[PhotoResult], chunk: int, N: int,
     return time.perf_counter() - t
 
 
-def one_pass(photos: list[Photo], detector, stage: RestoreStage, cfg: AlignConfig, args) -> list[PhotoResult]:
-    """Every photo through detection, plan+align, restoration (all crops together), paste-back."""
+def one_pass(photos: list[Photo], detector, stage: RestoreStage, cfg: AlignConfig, args,
+             upsampler=None) -> list[PhotoResult]:
+    """Every photo through detection, plan+align, restoration (all crops together), upsampling, paste-back."""
     results = [PhotoResult(ph.name) for ph in photos]
     for ph, r in zip(photos, results):
         detect(detector, ph, r)
@@ -275,14 +313,17 @@ def one_pass(photos: list[Photo], detector, stage: RestoreStage, cfg: AlignConfi
     n_ok = sum(len(r.crops) for r in results)
     for r in results:  # the batch's time, attributed to the photos by their share of the faces
         r.seconds["restoration"] = total_restore * len(r.crops) / n_ok if n_ok else 0.0
+    if cfg.upscale > 1:
+        upsample(photos, results, upsampler, cfg.upscale)
     for ph, r in zip(photos, results):
-        r.seconds["paste-back"] = paste(ph, r.plans, r.restored, cfg)
+        r.seconds["paste-back"] = paste(ph, r.plans, r.restored, cfg, r.background)
+        r.background = None
     return results
 
 
 def full_size_geometry(photos: list[Photo], results: list[PhotoResult], cfg: AlignConfig) -> dict[str, float]:
     """plan+align at FULL_FACE_SIZE and paste-back of FULL_RESTORED_SIZE crops, on the same detections."""
-    full = dataclasses.replace(cfg, face_size=FULL_FACE_SIZE)
+    full = dataclasses.replace(cfg, face_size=FULL_FACE_SIZE, upscale=1)
     out = {"plan+align": 0.0, "paste-back": 0.0}
     for ph, r in zip(photos, results):
         plans, crops, sec = plan_align(ph, r, full)
@@ -370,7 +411,21 @@ def _run(args: argparse.Namespace) -> dict:
     detector = build_detector(DetectorConfig(name=args.detector, device=args.detector_device,
                                              max_side=args.detector_max_side))
     detector_build_s = time.perf_counter() - t0
-    align_cfg = AlignConfig(face_size=size)  # DetectAlign: the photo job's align config at image.size
+    align_cfg = AlignConfig(face_size=size, upscale=args.upscale)  # DetectAlign's, at image.size
+    stages = UPSCALED_STAGES if args.upscale > 1 else STAGES
+    upsampler, up_label = None, "none"
+    if args.upscale > 1 and args.upsampler == "realesrgan":
+        from tasks.upsample import TiledUpsampler, UpsamplerConfig
+
+        ucfg = UpsamplerConfig(scale=args.upscale, allow_random_weights=True, tile=args.upsampler_tile,
+                               pad=args.upsampler_pad, pixel_budget=args.upsampler_budget,
+                               kwargs={"num_feat": 16, "num_block": 2, "num_grow_ch": 8}
+                               if args.upsampler_arch == "tiny" else {})
+        upsampler = TiledUpsampler(ucfg, args.upscale, torch.device("cuda" if cuda else "cpu"))
+        up_label = (f"RRDBNet {args.upsampler_arch} x{args.upscale} random seeded weights, tile "
+                    f"{args.upsampler_tile} pad {args.upsampler_pad}, budget {args.upsampler_budget} px/forward")
+    elif args.upscale > 1:
+        up_label = f"bicubic x{args.upscale}"
     runtime = RuntimeConfig(device="cuda" if cuda else "cpu", precision=args.precision, batch_size=args.batch_size,
                             torch_threads=args.threads)
     dr2_cfg = DR2Config(allow_random_weights=True, architecture=arch, N=Sampled((args.N,)), tau=Sampled((args.tau,)))
@@ -385,15 +440,15 @@ def _run(args: argparse.Namespace) -> dict:
 
     warm = min(photos, key=lambda ph: ph.rgb.shape[0] * ph.rgb.shape[1])
     t0 = time.perf_counter()
-    warm_result = one_pass([warm], detector, stage, align_cfg, args)
+    warm_result = one_pass([warm], detector, stage, align_cfg, args, upsampler)
     if not warm_result[0].crops:  # no face in it: still warm restoration and paste-back up on a dummy crop
         stage({"id": np.array(["warmup"], dtype=object), "image": np.zeros((1, size, size, 3), np.uint8),
                "status": np.array(["ok"], dtype=object), "N": np.array([args.N]), "tau": np.array([args.tau])})
     warm_s = time.perf_counter() - t0
 
-    passes = [one_pass(photos, detector, stage, align_cfg, args) for _ in range(args.repeats)]
+    passes = [one_pass(photos, detector, stage, align_cfg, args, upsampler) for _ in range(args.repeats)]
     results = passes[-1]
-    sec = {s: statistics.median(sum(r.seconds[s] for r in p) for p in passes) for s in STAGES}
+    sec = {s: statistics.median(sum(r.seconds[s] for r in p) for p in passes) for s in stages}
     full_geo = None
     if args.full_size_geometry and (size < FULL_FACE_SIZE or esize < FULL_RESTORED_SIZE):
         geo = [full_size_geometry(photos, results, align_cfg) for _ in range(args.repeats)]
@@ -413,6 +468,7 @@ def _run(args: argparse.Namespace) -> dict:
     table = [stage_row("detection", n_photos, n_ok, sec["detection"], total),
              stage_row("plan+align", n_photos, n_ok, sec["plan+align"], total),
              stage_row("restoration", with_faces, n_ok, sec["restoration"], total),
+             *([stage_row("upsampling", n_photos, n_ok, sec["upsampling"], total)] if "upsampling" in sec else []),
              stage_row("paste-back", with_faces, n_ok, sec["paste-back"], total),
              stage_row("detect+align+paste", n_photos, n_ok, geometry, total),
              stage_row("total", n_photos, n_ok, total, total)]
@@ -448,6 +504,7 @@ def _run(args: argparse.Namespace) -> dict:
         f"restoration: DR2 {arch} at {size}x{size} RANDOM seeded weights, N={args.N} tau={args.tau} "
         f"({dr2_model_calls(args.N, args.tau)} UNet forwards/face) -> {args.enhancer} at {esize}x{esize}"
         + (f" {json.dumps(ekwargs)}" if ekwargs else "") + f", chunks of {args.batch_size} faces, device {dev}",
+        *([f"upsampling: {up_label}; paste-back onto the x{args.upscale} background"] if args.upscale > 1 else []),
         f"threads: torch {threads}, OpenCV {cv2.getNumThreads()} (--threads {args.threads}) | {os.cpu_count()} CPUs "
         f"({cpu_name()})" + (f" | {la}" if la else "") + (f", {load_end[0]:.2f} at end" if load_end else ""),
         f"untimed: decode {sum(ph.decode_s for ph in photos):.2f} s, detector build {detector_build_s:.2f} s, "
@@ -456,11 +513,14 @@ def _run(args: argparse.Namespace) -> dict:
     ] + [f"note: {n}" for n in notes]
     per_photo = [{"photo": r.name, "source": ph.source, "width": ph.rgb.shape[1], "height": ph.rgb.shape[0],
                   "detected": len(r.plans), "restored": len(r.crops), "decode_s": ph.decode_s,
-                  **{f"{s}_s": r.seconds[s] for s in STAGES}} for ph, r in zip(photos, results)]
+                  **{f"{s}_s": r.seconds[s] for s in stages}} for ph, r in zip(photos, results)]
+    up_col = "upsampling" in stages
     photo_table = markdown(
-        ["photo", "size", "faces ok/detected", "detect ms", "align ms", "paste ms"],
+        ["photo", "size", "faces ok/detected", "detect ms", "align ms", *(["upsample ms"] if up_col else []),
+         "paste ms"],
         [[p["photo"], f"{p['width']}x{p['height']}", f"{p['restored']}/{p['detected']}",
-          f"{1e3 * p['detection_s']:.1f}", f"{1e3 * p['plan+align_s']:.1f}", f"{1e3 * p['paste-back_s']:.1f}"]
+          f"{1e3 * p['detection_s']:.1f}", f"{1e3 * p['plan+align_s']:.1f}",
+          *([f"{1e3 * p['upsampling_s']:.1f}"] if up_col else []), f"{1e3 * p['paste-back_s']:.1f}"]
          for p in per_photo])
 
     lines = []
@@ -494,7 +554,8 @@ def _run(args: argparse.Namespace) -> dict:
 
     result = {
         "meta": dict(arch=arch, size=size, N=args.N, tau=args.tau, forwards_per_face=dr2_model_calls(args.N, args.tau),
-                     enhancer=args.enhancer, enhancer_size=esize, enhancer_kwargs=ekwargs, batch_size=args.batch_size,
+                     enhancer=args.enhancer, enhancer_size=esize, upscale=args.upscale, upsampler=up_label,
+                     enhancer_kwargs=ekwargs, batch_size=args.batch_size,
                      device="cuda" if cuda else "cpu", detector=getattr(detector, "identity", args.detector),
                      detector_device=args.detector_device, torch_threads=threads, opencv_threads=cv2.getNumThreads(),
                      cpus=os.cpu_count(), cpu=cpu_name(), load_average_start=load_start, load_average_end=load_end,

@@ -256,7 +256,8 @@ def _canvas_matrix(M: np.ndarray, face_size: int, crop_size: int, upscale: int) 
 
 
 def face_layer(photo_shape: tuple, face: np.ndarray, M: np.ndarray, cfg: AlignConfig,
-               roi: tuple[int, int, int, int] | None = None) -> FaceLayer | None:
+               roi: tuple[int, int, int, int] | None = None,
+               face_mask: np.ndarray | None = None) -> FaceLayer | None:
     """Warp one restored crop back and build its soft mask over the crop's footprint.
 
     photo_shape: the original photo's shape; M: its photo -> aligned-crop matrix (for cfg.face_size); face:
@@ -297,6 +298,12 @@ def face_layer(photo_shape: tuple, face: np.ndarray, M: np.ndarray, cfg: AlignCo
     # float32 weights (warp, blur) sum to 1 - 2^-24: snap the interior back to exactly 1 (= restored face)
     mask[mask > 1.0 - 1e-6] = 1.0
     np.clip(mask, 0.0, 1.0, out=mask)
+    if face_mask is not None:  # CodeFormer's use_parse: the parsing mask where it is below the soft one
+        if face_mask.shape != (crop, crop):
+            raise ValueError(f"face mask {face_mask.shape} does not match the restored crop {face.shape[:2]}")
+        parse = cv2.warpAffine(face_mask.astype(np.float32), to_roi, size, flags=cv2.INTER_CUBIC,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        np.minimum(mask, np.clip(parse, 0.0, 1.0), out=mask)
 
     # Replicated edges: the blend never mixes in a fill colour where the mask is still soft.
     if s < 1 or not cfg.antialias:  # s < 1: the face is enlarged; bilinear would look soft
@@ -325,21 +332,32 @@ def composite(canvas: np.ndarray, layer: FaceLayer) -> None:
 
 
 def paste_back(photo: np.ndarray, restored_faces: list[np.ndarray], matrices: list[np.ndarray],
-               cfg: AlignConfig) -> np.ndarray:
+               cfg: AlignConfig, canvas: np.ndarray | None = None,
+               masks: list[np.ndarray | None] | None = None) -> np.ndarray:
     """The photo (uint8 (H, W, C); x cfg.upscale) with each restored crop blended in, in list order.
 
     matrices[i] is the photo -> aligned-crop matrix (for cfg.face_size) the i-th face was aligned with;
-    restored crops may be any square size (e.g. 512 from a 256 alignment). The input is not modified.
+    restored crops may be any square size (e.g. 512 from a 256 alignment). canvas: the background at
+    cfg.upscale (an upsampler's output), blended into in place; default the photo resized with
+    enlarge_interp. masks[i]: an optional (S, S) float blend mask in the restored crop's frame (a parsing
+    mask, tasks/parsing.py); the paste then uses min(it warped back, the soft eroded mask). The photo is
+    not modified.
     """
     if photo.dtype != np.uint8:
         raise ValueError(f"paste_back expects a uint8 photo, got {photo.dtype}")
-    if len(restored_faces) != len(matrices):
-        raise ValueError(f"{len(restored_faces)} restored faces but {len(matrices)} matrices")
-    canvas = _upscaled(photo, cfg)
-    for face, M in zip(restored_faces, matrices):
+    if len(restored_faces) != len(matrices) or (masks is not None and len(masks) != len(matrices)):
+        raise ValueError(f"{len(restored_faces)} restored faces but {len(matrices)} matrices"
+                         + ("" if masks is None else f" and {len(masks)} masks"))
+    want = (photo.shape[0] * cfg.upscale, photo.shape[1] * cfg.upscale) + photo.shape[2:]
+    if canvas is None:
+        canvas = _upscaled(photo, cfg)
+    elif canvas.shape != want or canvas.dtype != np.uint8:
+        raise ValueError(f"background {canvas.dtype} {canvas.shape} is not the photo at upscale {cfg.upscale}: "
+                         f"uint8 {want}")
+    for i, (face, M) in enumerate(zip(restored_faces, matrices)):
         if face.ndim != photo.ndim or (face.ndim == 3 and face.shape[2] != photo.shape[2]):
             raise ValueError(f"restored face {face.shape} does not match the photo's channels {photo.shape}")
-        layer = face_layer(photo.shape, face, M, cfg)
+        layer = face_layer(photo.shape, face, M, cfg, face_mask=None if masks is None else masks[i])
         if layer is not None:
             composite(canvas, layer)
     return canvas

@@ -9,8 +9,10 @@ a crashed run and rewritten by the rerun is deduplicated on that key by `read_ma
 Stages (restore.py assembles them when photos.mode is photos or auto):
   LoadPhotos (CPU task)     read + decode any size; error rows for bad input; per-photo (N, tau)
   DetectAlign (CPU actors)  detector built once per actor; plan_faces decides ok/too_small/over_cap/invalid
-  PhotoRestore (GPU actors) every ok crop of the batch's photos in one restoration batch (DR2 or dynamic)
-  PasteAndWrite (CPU task)  paste-back, PNGs, the face rows' shard
+  PhotoRestore (GPU actors) every ok crop of the batch's photos in one restoration batch (DR2 or dynamic);
+                            with --photos.upscale S and a network upsampler, the photos' backgrounds too
+                            (tiled, tasks/upsample.py); with a parser, each restored face's parsing mask
+  PasteAndWrite (CPU task)  paste-back at the upscaled geometry, PNGs, the face rows' shard
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from tasks.faults import TRANSIENT, RetryConfig, TransientError, row_failure
 from tasks.images import decode_image, resize_to
 from tasks.load_stage import load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
+from tasks.parsing import FaceParser, ParserConfig
 from tasks.storage import join_under
+from tasks.upsample import TiledUpsampler, UpsamplerConfig
 from tasks.write_stage import put_png
 
 MODES = ("aligned", "photos", "auto")
@@ -36,7 +40,8 @@ FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/re
 
 PHOTO_COLUMNS = [("kind", pa.string()), ("faces_detected", pa.int64()), ("faces_restored", pa.int64()),
                  ("faces_skipped", pa.int64()), ("detector", pa.string()), ("note", pa.string()),
-                 ("restored", pa.string())]
+                 ("restored", pa.string()), ("upscale", pa.int64()), ("upsampler", pa.string()),
+                 ("upsampler_weights", pa.string()), ("parser", pa.string())]
 FACE_COLUMNS = [("photo_id", pa.string()), ("face_index", pa.int64()), ("score", pa.float64()),
                 ("box", pa.list_(pa.float64())), ("landmarks", pa.list_(pa.float64())),
                 ("eye_distance", pa.float64()), ("face_side", pa.float64()), ("border_fraction", pa.float64()),
@@ -58,8 +63,12 @@ class PhotoConfig:
     write_faces: bool = opt(True, "also write each restored face crop to faces/restored/<stem>_fNN.png")
     exif_orientation: bool = opt(True, "turn photos upright by their EXIF Orientation tag before detection (the "
                                        "restored photo is written upright, without EXIF)")
+    upscale: int = opt(1, "the restored photo is this many times the input's size: the background comes from "
+                          "photos.upsampler, faces are pasted at the upscaled geometry (1 = input size)")
     detector: DetectorConfig = DetectorConfig(device="cpu")
     align: AlignConfig = AlignConfig()
+    upsampler: UpsamplerConfig = UpsamplerConfig()
+    parser: ParserConfig = ParserConfig()
 
 
 def face_id(photo_id: str, index: int) -> str:
@@ -168,9 +177,30 @@ class PhotoRestore:
     ANNOTATIONS = ("seed", "weights", "omega", "enhancer_weights", "restore_method", "sigma_est", "guide_sigmas",
                    "start_t", "eta", "blur_mapper", "diffused_sigma", "start_convention", "scale_map")
 
-    def __init__(self, stage_cls, stage_kwargs: dict, chunk: int):
+    def __init__(self, stage_cls, stage_kwargs: dict, chunk: int, upsampler: UpsamplerConfig | None = None,
+                 upscale: int = 1, parser: ParserConfig | None = None):
         self.stage, self.chunk = stage_cls(**stage_kwargs), max(1, int(chunk))
         self.weights = getattr(self.stage, "weights", None) or self.stage.dr2.weights  # DynamicStage | RestoreStage
+        self.upsampler = self.parser = None
+        device = getattr(self.stage, "device", None) or self.stage.dr2.device
+        if parser is not None and parser.name != "none":
+            self.parser = FaceParser(parser, device, stage_kwargs.get("storage_options"))
+        if upsampler is not None and upscale > 1:  # a network upsampler, on the restoration's device
+            from tasks.dr2_stage import half_dtype
+
+            self.upsampler = TiledUpsampler(upsampler, upscale, device, half_dtype(stage_kwargs["runtime"], device),
+                                            stage_kwargs.get("storage_options"))
+
+    def _backgrounds(self, batch: dict[str, np.ndarray]) -> None:
+        """The upscaled backgrounds of the batch's ok whole photos, tiled and batched across photos."""
+        n = len(batch["id"])
+        todo = [k for k in range(n) if batch["status"][k] == "ok" and batch["kind"][k] == "photo"]
+        outs = self.upsampler([batch["photo"][k] for k in todo]) if todo else []
+        backgrounds = [np.zeros((1, 1, 3), np.uint8)] * n
+        for k, bg in zip(todo, outs):
+            backgrounds[k] = bg
+        batch["background"] = _objects(backgrounds)
+        batch["upsampler_weights"] = np.array([self.upsampler.identity] * n, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -200,6 +230,12 @@ class PhotoRestore:
         batch["restored_faces"] = _objects([np.stack(r) if r else _empty_crops(out_size) for r in restored])
         batch["faces_info"] = np.array([json.dumps(x) for x in info], dtype=object)
         batch["weights"] = np.array([self.weights] * n, dtype=object)
+        if self.upsampler is not None:
+            self._backgrounds(batch)
+        if self.parser is not None:  # per photo (K, S, S) float16 parsing masks of its restored faces
+            batch["face_masks"] = _objects([self.parser(f) if kind == "photo" else None
+                                            for f, kind in zip(batch["restored_faces"], batch["kind"])])
+            batch["parser"] = np.array([self.parser.identity] * n, dtype=object)
         return batch
 
 
@@ -222,9 +258,12 @@ class PasteAndWrite:
 
     def __init__(self, output: str, align: AlignConfig, write_faces: bool, png_compression: int,
                  constants: dict, storage_options: dict | None = None, face_columns: list | None = None,
-                 retry: RetryConfig | None = None):
+                 upsampler: str = "none", upsampler_note: str = "", retry: RetryConfig | None = None):
+        """align.upscale is the effective upscale (restore.py resolves it with tasks.upsample.resolve_upscale);
+        upsampler / upsampler_note: the label and fallback note every photo row records."""
         self.output, self.storage_options, self.retry = output, storage_options, retry
         self.align = align
+        self.upsampler, self.upsampler_note = upsampler, upsampler_note
         self.write_faces, self.png_compression = write_faces, png_compression
         self.faces_output = join_under(output, FACES_DIR)
         self.face_writer = ManifestWriter(self.faces_output, face_columns or FACE_COLUMNS, constants,
@@ -234,18 +273,30 @@ class PasteAndWrite:
         return put_png(join_under(self.output, folder), stem, rgb, self.png_compression, self.storage_options,
                        self.retry)
 
+    def _background(self, batch, k: int) -> np.ndarray | None:
+        """The upsampler's output for photo k (None: paste_back resizes the photo itself)."""
+        if "background" not in batch:
+            return None
+        bg = batch["background"][k]
+        return bg if bg.flags.writeable else bg.copy()  # zero-copy from Ray's object store: read-only
+
     def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
         photo = batch["photo"][k]
         if batch["kind"][k] == "aligned":
             return faces[0], ("aligned input: the restored crop (photos.mode auto takes every square input as an "
                               "aligned face crop; use photos.mode photos to detect faces in square photos)")
-        if not rows:
-            return photo, "no faces detected: photo passed through unchanged"
+        up = self.align.upscale
+        unchanged = "passed through unchanged" if up == 1 else f"only upscaled x{up}"
         ok = [r for r in rows if r["status"] == "ok"]
-        if not ok:
-            return photo, "no face restorable (see faces manifest): photo passed through unchanged"
         matrices = [np.array(r["affine"], np.float64).reshape(2, 3) for r in ok]
-        return paste_back(photo, list(faces), matrices, self.align), ""
+        masks = list(batch["face_masks"][k]) if "face_masks" in batch else None
+        out = paste_back(photo, list(faces[: len(ok)]), matrices, self.align, canvas=self._background(batch, k),
+                         masks=masks)
+        if not rows:
+            return out, f"no faces detected: photo {unchanged}"
+        if not ok:
+            return out, f"no face restorable (see faces manifest): photo {unchanged}"
+        return out, ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -261,6 +312,8 @@ class PasteAndWrite:
                 faces, info = batch["restored_faces"][k], json.loads(batch["faces_info"][k])
                 stem, pid = str(batch["stem"][k]), str(batch["id"][k])
                 out, notes[k] = self._photo(batch, k, rows, faces)
+                if self.upsampler_note and batch["kind"][k] == "photo":
+                    notes[k] = "; ".join(x for x in (notes[k], self.upsampler_note) if x)
                 uris[k] = self._put("restored", stem, out)
                 detected[k] = len(rows) if batch["kind"][k] == "photo" else 0
                 j = 0
@@ -290,8 +343,16 @@ class PasteAndWrite:
             except TransientError as e:  # without their face rows, none of these photos may be committed
                 status = [TRANSIENT] * n
                 kinds, error = [e.kind] * n, [str(e)] * n
-        drop = ("photo", "crops", "restored_faces", "plans", "faces_info")
+        drop = ("photo", "crops", "restored_faces", "plans", "faces_info", "background", "face_masks")
         out = {key: v for key, v in batch.items() if key not in drop}
+        photo_rows = np.array([kind == "photo" for kind in batch["kind"]])
+        out["upscale"] = np.where(photo_rows, self.align.upscale, 1).astype(np.int64)
+        out["upsampler"] = np.array([self.upsampler if p else "none" for p in photo_rows], dtype=object)
+        label = self.upsampler if self.upsampler in ("none", "bicubic") else ""
+        weights = batch.get("upsampler_weights", np.array([label] * n, dtype=object))
+        out["upsampler_weights"] = np.array([w if p else "" for w, p in zip(weights, photo_rows)], dtype=object)
+        parser = batch.get("parser", np.array(["none"] * n, dtype=object))
+        out["parser"] = np.array([w if p else "" for w, p in zip(parser, photo_rows)], dtype=object)
         out.update(restored=np.array(uris, dtype=object), note=np.array(notes, dtype=object),
                    faces_detected=detected, faces_restored=restored, faces_skipped=skipped,
                    status=np.array(status, dtype=object), error_kind=np.array(kinds, dtype=object),

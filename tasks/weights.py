@@ -144,10 +144,18 @@ def load_weights(
     sha256: str | None = None,
     storage_options: dict | None = None,
     key: str | None = None,
+    optional_suffixes: tuple[str, ...] = (),
 ) -> str:
-    """Strictly load a checkpoint into model; returns its identity 'sha256:<16 hex>:<basename>'."""
+    """Strictly load a checkpoint into model; returns its identity 'sha256:<16 hex>:<basename>'.
+
+    optional_suffixes: model keys ending so may be absent from the checkpoint and keep the model's values
+    (BatchNorm's num_batches_tracked, which checkpoints saved before torch 0.4.1 lack and eval never reads).
+    """
     sd, digest = _load(uri, sha256, storage_options, key)
     own = model.state_dict()
+    for k in own:
+        if k not in sd and optional_suffixes and k.endswith(optional_suffixes):
+            sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [

@@ -52,3 +52,39 @@ class TinyGuidanceScaleNet(torch.nn.Module):
         t_plane = (t.float() / 1000).reshape(B, 1, 1, 1).expand(B, 1, H, W)
         h = torch.cat([guides.reshape(B, G * C, H, W), x0, t_plane], 1)
         return torch.sigmoid(self.out(torch.relu(self.inp(h))))
+
+
+class NearestUpsampler(torch.nn.Module):
+    """A parameter-free plug-in background upsampler (the interface of tasks/upsample.py): nearest x`scale`,
+    recording the largest input (pixels per forward) it was given."""
+
+    input_multiple = 1
+
+    def __init__(self, scale: int = 2):
+        super().__init__()
+        self.scale = scale
+        self.max_pixels = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.max_pixels = max(self.max_pixels, x.shape[0] * x.shape[2] * x.shape[3])
+        return torch.nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+class DiscParser(torch.nn.Module):
+    """A parameter-free plug-in face parser (the interface of tasks/parsing.py): 'skin' in a central disc of
+    radius `radius` (fraction of the side), 'hair' elsewhere; logits over BiSeNet's 19 classes."""
+
+    def __init__(self, radius: float = 0.3):
+        super().__init__()
+        from models.bisenet import LABELS
+
+        self.labels, self.radius = LABELS, radius
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        b, _, h, w = x.shape
+        yy, xx = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+        skin = (yy**2 + xx**2) <= (self.radius * w) ** 2
+        logits = torch.zeros(b, len(self.labels), h, w)
+        logits[:, self.labels.index("skin")] = skin.float()
+        logits[:, self.labels.index("hair")] = (~skin).float()
+        return (logits,)

@@ -79,3 +79,23 @@ def test_bench_photos_tiny_cpu(tmp_path, capsys):
     assert [p["kind"] for p in data["projections"]] == ["measurement", "projection", "projection from a target"]
     assert sum(p["restored"] for p in data["photos"]) == faces
     assert all(p["detection_s"] > 0 for p in data["photos"])
+
+
+def test_bench_photos_upscaled_has_an_upsampling_stage(capsys):
+    photo = ROOT / "data" / "photos" / "Blake_Lively.jpg"
+    result = bench_photos.main(["--input", str(photo), "--arch", "tiny", "--size", "32", "--N", "2", "--tau", "5",
+                                "--threads", "1", "--upscale", "2", "--upsampler-tile", "200",
+                                "--upsampler-budget", "200000", "--no-full-size-geometry", "--gpu-faces-per-s", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("upsampling: RRDBNet tiny x2") for line in lines)
+    _, rows = _markdown_rows(lines, "stage")
+    assert [r[0] for r in rows] == ["detection", "plan+align", "restoration", "upsampling", "paste-back",
+                                    "detect+align+paste", "total"]
+    by = {r["stage"]: r for r in result["table"]}
+    parts = sum(by[s]["seconds"] for s in ("detection", "plan+align", "restoration", "upsampling", "paste-back"))
+    assert by["upsampling"]["seconds"] > 0 and abs(parts - by["total"]["seconds"]) < 1e-9
+    assert abs(sum(by[s]["share"] for s in ("detection", "plan+align", "restoration", "upsampling",
+                                            "paste-back")) - 1) < 1e-9
+    assert result["meta"]["upscale"] == 2 and result["photos"][0]["upsampling_s"] > 0
+    _, per_photo = _markdown_rows(lines, "photo")
+    assert len(per_photo[0]) == 7  # with the upsample ms column

@@ -177,3 +177,41 @@ def test_dynamic_method_on_whole_photos(ray_local, tmp_path):
     after = _rgb(photo["restored"])
     x0, y0, x1, y1 = (int(round(v)) for v in face["box"])
     assert np.abs(after[y0:y1, x0:x1].astype(int) - skimage_data.astronaut()[y0:y1, x0:x1].astype(int)).mean() > 10
+
+
+def test_upscaled_photo_background_from_the_upsampler(ray_local, tmp_path):
+    """--photos.upscale 2 with a (tiny, random) RRDBNet: 2x photo, faces at 2x geometry, the rest upsampled;
+    faces blended through a (plug-in) parser's mask."""
+    import torch
+
+    from tasks.upsample import TiledUpsampler, UpsamplerConfig
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "blake.jpg").write_bytes((ROOT / "data" / "photos" / "Blake_Lively.jpg").read_bytes())
+    out = tmp_path / "out"
+    tiny = {"num_feat": 4, "num_block": 1, "num_grow_ch": 4}
+    assert restore([*FAST, "--photos.mode", "photos", "--photos.upscale", "2", "--photos.upsampler.scale", "2",
+                    "--photos.upsampler.kwargs", json.dumps(tiny), "--photos.upsampler.allow-random-weights", "true",
+                    "--photos.upsampler.tile", "200", "--photos.upsampler.pixel-budget", "100000",
+                    "--photos.parser.name", "tests.plugins:DiscParser", "--input", str(src), "--output", str(out)]) == 0
+    photo = read_manifest(str(out)).iloc[0]
+    faces = read_manifest(str(out / "faces"))
+    assert photo["upscale"] == 2 and photo["upsampler"] == "realesrgan-x2"
+    assert photo["upsampler_weights"] == "random-init:realesrgan" and photo["faces_restored"] == 2, photo.to_dict()
+    assert photo["parser"] == "tests.plugins:DiscParser"
+    after = _rgb(photo["restored"])
+    assert after.shape == (928, 1400, 3)
+    cfg = UpsamplerConfig(scale=2, kwargs=tiny, allow_random_weights=True, tile=200, pixel_budget=100_000)
+    expected = TiledUpsampler(cfg, 2, torch.device("cpu"))([_rgb(src / "blake.jpg")])[0]
+    foot = np.zeros(after.shape[:2], np.uint8)
+    for _, row in faces.iterrows():
+        corners = (crop_corners(np.asarray(row.affine).reshape(2, 3), int(row.face_size)) + 0.5) * 2 - 0.5
+        cv2.fillConvexPoly(foot, np.round(corners).astype(np.int32), 1)
+        lm = (np.asarray(row.landmarks).reshape(5, 2) + 0.5) * 2 - 0.5  # the face sits at the 2x landmarks
+        x, y = np.round(lm.mean(0)).astype(int)
+        near = (slice(y - 5, y + 5), slice(x - 5, x + 5))
+        assert np.abs(after[near].astype(int) - expected[near].astype(int)).mean() > 5
+    foot = cv2.dilate(foot, np.ones((5, 5), np.uint8)) > 0
+    diff = np.abs(after[~foot].astype(int) - expected[~foot].astype(int))  # another process: float order only
+    assert foot.mean() < 0.9 and diff.max() <= 1 and (diff > 0).mean() < 1e-3

@@ -11,6 +11,8 @@ Whole photos (--photos.mode photos, or auto: non-square inputs): read+decode -> 
 to the FFHQ template (CPU actors) -> restore every face of a batch of photos together (GPU actors) ->
 feathered paste-back + write (CPU tasks) -> one manifest row per photo (manifest/) and one per face
 (faces/manifest/: box, landmarks, score, status: ok | too_small | over_cap | invalid). See tasks/photo_stage.py.
+--photos.upscale 2 --photos.upsampler.weights RealESRGAN_x2plus.pth: the photo comes out twice its size, the
+background from Real-ESRGAN (tiled on the restoration actors), the faces pasted at the upscaled geometry.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from tasks.pipeline import (
     write_and_commit,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.upsample import resolve_upscale, runs_network
 from tasks.weights import RANDOM_INIT, check_weights
 from tasks.write_stage import WriteImages
 
@@ -113,7 +116,10 @@ def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
 def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     """Whole photos: load -> detect+align (CPU actors) -> restore crops (GPU actors) -> paste+write -> manifest."""
     so, ph, dynamic = cfg.storage_options or None, cfg.photos, cfg.method == "dynamic"
-    align = dataclasses.replace(ph.align, face_size=cfg.image.size)  # faces are aligned at the model's size
+    upscale, upsampler, upsampler_note = resolve_upscale(ph.upsampler, ph.upscale)
+    # faces are aligned at the model's size, and pasted at the effective upscale
+    align = dataclasses.replace(ph.align, face_size=cfg.image.size, upscale=upscale)
+    network = upscale > 1 and runs_network(ph.upsampler)
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
     ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
@@ -129,7 +135,9 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                                else (RestoreStage, dict(dr2=cfg.dr2)))
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
     ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
-                                                                 chunk=cfg.runtime.batch_size),
+                                                                 chunk=cfg.runtime.batch_size, upscale=upscale,
+                                                                 upsampler=ph.upsampler if network else None,
+                                                                 parser=ph.parser),
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
@@ -137,7 +145,8 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     return write_and_commit(
         ds, (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
                                  png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
-                                 retry=cfg.retry, face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []))),
+                                 retry=cfg.retry, face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
+                                 upsampler=upsampler, upsampler_note=upsampler_note)),
         (ManifestWriter, dict(output=cfg.output, columns=columns, storage_options=so, retry=cfg.retry,
                               constants=constants)),
         rows=ph.batch_size)  # whole photos: a shard per photo batch keeps a task's memory bounded
@@ -190,6 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.photos.mode not in ("aligned", "photos", "auto"):
         log.error("--photos.mode must be aligned, photos or auto, got %r", cfg.photos.mode)
         return 2
+    if cfg.photos.mode != "aligned":
+        try:
+            upscale, _, upsampler_note = resolve_upscale(cfg.photos.upsampler, cfg.photos.upscale)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
+        if cfg.photos.upsampler.weights:
+            check_weights(cfg.photos.upsampler.weights, so)
+        parser = cfg.photos.parser
+        if parser.name not in ("none", "bisenet") and "." not in parser.name and ":" not in parser.name:
+            log.error("--photos.parser.name must be none, bisenet or a plug-in 'pkg.module:Class', got %r", parser.name)
+            return 2
+        if parser.name == "bisenet" and list(parser.regions) != ["codeformer"] and not parser.labels:
+            from models.bisenet import LABELS
+
+            unknown = [r for r in parser.regions if r not in LABELS]
+            if unknown:
+                log.error("--photos.parser.regions %s unknown: allowed %s or [codeformer]", unknown, ", ".join(LABELS))
+                return 2
+        if cfg.photos.parser.weights:
+            check_weights(cfg.photos.parser.weights, so)
+        elif cfg.photos.parser.name == "bisenet" and not cfg.photos.parser.allow_random_weights:
+            log.error("--photos.parser.name bisenet needs --photos.parser.weights (parsing_bisenet.pth); "
+                      "--photos.parser.name none keeps the soft eroded mask")
+            return 2
     net = cfg.dynamic if cfg.method == "dynamic" else cfg.dr2  # the diffusion network's weights settings
     if cfg.method == "dr2":
         try:
@@ -232,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     if random_parts:
         warn_random(summary, f"RANDOM-INIT {' AND '.join(random_parts)}: no weights were given, so the outputs are "
                              "NOT restorations. The manifest's weights columns say random-init.")
+    if cfg.photos.mode != "aligned" and upsampler_note:
+        warn_random(summary, f"BACKGROUND UPSAMPLER WITHOUT WEIGHTS: {upsampler_note} (photos.upscale "
+                             f"{cfg.photos.upscale} -> {upscale}); every photo row says so.")
+    if cfg.photos.mode != "aligned" and cfg.photos.upscale > 1 and cfg.photos.upsampler.allow_random_weights \
+            and not cfg.photos.upsampler.weights and runs_network(cfg.photos.upsampler):
+        warn_random(summary, "RANDOM-INIT BACKGROUND UPSAMPLER: photos.upsampler.allow_random_weights without "
+                             "weights; the backgrounds are NOT upscaled photos.")
     process(cfg, summary, build_pipeline, version)
     return finish(summary, so)
 
