@@ -86,8 +86,6 @@ class RuntimeConfig:
     gpus_per_actor: float = opt(1.0, "GPUs per DR2 actor when the cluster has GPUs (fractions share one)")
     cpus_per_actor: float = opt(1.0, "CPUs per DR2 actor (also its torch threads on CPU)")
     torch_threads: int = opt(0, "torch CPU threads per actor; 0 = cpus_per_actor")
-    chaos_exit_once: str | None = opt(None, "fault-injection for recovery tests: a marker-file path; the first "
-                                            "DR2 call that finds it absent creates it and kills its own process")
 
     def __post_init__(self):  # checked where the config is built: the driver, before any actor starts
         if self.precision not in PRECISIONS:
@@ -300,11 +298,6 @@ class DR2Stage(NetworkHost):
         batch["weights"] = np.array([self.weights] * n, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        chaos = self.runtime.chaos_exit_once
-        if chaos and not os.path.exists(chaos):
-            with open(chaos, "w") as f:
-                f.write(str(os.getpid()))
-            os._exit(1)  # a crash mid-batch: Ray must restart the actor and retry the batch
         ok, ids, params = self.ok_rows(batch)
         size = batch["image"].shape[1]
         out = np.zeros((len(batch["id"]), size, size, 3), dtype=np.uint8)

@@ -153,12 +153,24 @@ def test_s3_input_and_output(ray_local, s3_server, corpus):
     assert fs.exists(f"{bucket}/out/_summary.json")
 
 
-def test_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, corpus, tmp_path):
+def test_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_local, corpus, tmp_path, monkeypatch):
+    import workflows.augment as workflow
+    from tasks.dr2_stage import DR2Stage
+
     root, expect = corpus
     marker = tmp_path / "died"
     out = tmp_path / "out"
-    assert augment(["--input", str(root / "good"), "--output", str(out), *FAST,
-                    "--runtime.batch-size", "1", "--runtime.chaos-exit-once", str(marker)]) == 0
+
+    class DiesOnce(DR2Stage):  # travels to the actor by value: the first call there kills its process
+        def __call__(self, batch):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # a crash mid-batch: Ray must restart the actor and retry the batch
+            return super().__call__(batch)
+
+    monkeypatch.setattr(workflow, "DR2Stage", DiesOnce)
+    assert augment(["--input", str(root / "good"), "--output", str(out), *FAST, "--runtime.batch-size", "1"]) == 0
+    monkeypatch.undo()
     assert marker.exists()  # an actor really died
     df = read_manifest(str(out))
     assert sorted(df["id"]) == ["a.png", "b.png", "c.jpg"] and (df["status"] == "ok").all()
