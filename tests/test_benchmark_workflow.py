@@ -8,12 +8,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from tasks.benchmark_stage import fid_scores
 from tasks.degradation import degrade, draw_degradation
 from tasks.manifest import read_manifest
+from tasks.metrics import load_fid_reference
 from workflows.benchmark import main as benchmark
+from workflows.fid_stats import main as fid_stats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 METHODS = [{"name": "input"}, {"name": "dr2", "N": 2, "tau": 5, "enhancer": "none"},
@@ -26,11 +29,15 @@ def test_benchmark_end_to_end(ray_local, tmp_path):
     for p in sorted(SAMPLES.glob("*.png"))[:3]:
         cv2.imwrite(str(src / p.name), cv2.resize(cv2.imread(str(p)), (64, 64), interpolation=cv2.INTER_AREA))
     out = tmp_path / "out"
+    # reference statistics of the ground-truth set itself, through the fid_stats command (same network, same size)
+    assert fid_stats(["--input", str(src), "--output", str(tmp_path / "gtref.npz"), "--weights", "random-init",
+                      "--image.size", "64"]) == 0
     args = ["--input", str(src), "--output", str(out), "--allow-random-weights", "true",
             "--dr2.architecture", "tiny", "--model-size", "32", "--image.size", "64", "--enhancer.size", "64",
             "--methods", json.dumps(METHODS), "--degradation.custom", '{base: gfpgan, scale: "2:4"}',
-            "--metrics.names", "[psnr_rgb, ssim_y, lpips_alex, ids, fid]",
-            "--metrics.weights", "{lpips_alex: random-init, fid: random-init}",
+            "--metrics.names", "[psnr_rgb, ssim_y, lpips_alex, ids, fid_tf_inception]",
+            "--metrics.weights", "{lpips_alex: random-init, fid_tf_inception: random-init}",
+            "--metrics.fid-reference", json.dumps({"gtref": str(tmp_path / "gtref.npz")}),
             "--runtime.device", "cpu", "--runtime.batch-size", "2", "--cluster.block-rows", "2"]
     assert benchmark(args) == 0
     df = read_manifest(str(out))
@@ -44,13 +51,19 @@ def test_benchmark_end_to_end(ray_local, tmp_path):
         p = draw_degradation({"base": "gfpgan", "scale": "2:4"}, 0, row["id"])
         assert np.array_equal(degrade(gt, p, 0, row["id"]), lq) and 2 <= row["deg_scale"] <= 4
         assert row["restored"] == row["lq"].replace("/lq/", "/restored/input/")
-    fid = fid_scores(str(out))
-    assert set(fid) == {"input", "dr2", "dr2+bicubic"} and all(isinstance(v, float) for v in fid.values())
+    refs = {"gtref": load_fid_reference("gtref", str(tmp_path / "gtref.npz"))}
+    fid = fid_scores(str(out), references=refs)
+    assert set(fid) == {"fid_tf_inception@gt", "fid_tf_inception@gtref"}
+    vs_gt = fid["fid_tf_inception@gt"]
+    assert set(vs_gt) == {"input", "dr2", "dr2+bicubic"} and all(isinstance(v, float) for v in vs_gt.values())
+    for method, v in vs_gt.items():  # the reference file holds the same images' statistics: the same FID
+        assert fid["fid_tf_inception@gtref"][method] == pytest.approx(v, rel=1e-4, abs=1e-6)
     report = (out / "report" / "report.md").read_text()
     assert "IDS" in report and "no ArcFace" in report and (out / "report" / "report.html").exists()
+    assert "FID TF-Inception ↓ vs gtref" in report and "vs gtref: gtref: " in report
     assert list((out / "report" / "grids").glob("*.png")) and list((out / "report" / "plots").glob("*.png"))
     # resume: nothing left to do, the same FID from the committed shards
     assert benchmark(args) == 0
     assert json.loads((out / "_summary.json").read_text())["skipped"] == 3
-    assert fid_scores(str(out)) == fid
+    assert fid_scores(str(out), references=refs) == fid
     assert len(pd.concat(pd.read_parquet(p) for p in (out / "manifest").glob("*.parquet"))) == 9
