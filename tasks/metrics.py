@@ -50,6 +50,7 @@ from torch import nn
 
 from models.arcface import IResNet, iresnet50
 from models.fid_inception import fid_inception_v3
+from tasks.lmd import LandmarkDistance, MTCNNLandmarks
 from tasks.storage import get_fs
 from tasks.weights import RANDOM_INIT, WeightsNotFoundError, load_weights
 
@@ -79,11 +80,14 @@ __all__ = [
 ]
 
 FID_METRICS = ("fid_tf_inception", "fid_tv_inception")  # dataset-level: the literature's network, torchvision's
-METRIC_NAMES = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg", *FID_METRICS)
+METRIC_NAMES = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg", "lmd_mtcnn5",
+                "niqe", *FID_METRICS)
 # Per-image metrics that compare with the ground truth: not applicable to real-world inputs.
-FULL_REFERENCE = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg")
+FULL_REFERENCE = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "lmd_mtcnn5")
 # Keys of MetricSuite's `weights` / `sha256` mappings: one per pretrained network ("identity" serves ids and deg).
-WEIGHT_KEYS = ("lpips_alex", "lpips_vgg", "identity", *FID_METRICS)
+# "niqe" is the pristine-parameter .npz (BasicSR's niqe_pris_params.npz layout), not a network.
+WEIGHT_KEYS = ("lpips_alex", "lpips_vgg", "identity", "niqe", *FID_METRICS)
+PLUGIN_KINDS = ("landmarks", "no_reference")
 
 # torch hub cache file names of the torchvision ImageNet checkpoints ($TORCH_HOME/hub/checkpoints/<name>).
 HUB_FILES = {
@@ -94,15 +98,27 @@ HUB_FILES = {
 }
 
 
-def check_metric_names(names: Sequence[str]) -> list[str]:
-    """The names, deduplicated in order; ValueError naming the allowed values otherwise ("fid" is ambiguous)."""
+def check_metric_names(names: Sequence[str], plugins: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The names, deduplicated in order; ValueError naming the allowed values otherwise ("fid" is ambiguous).
+
+    plugins: {metric name: {class, weights?, kwargs?}} (metrics.plugins): their names are allowed too.
+    """
     names = list(dict.fromkeys(names))
+    plugins = dict(plugins or {})
     if "fid" in names:
         raise ValueError("metrics.names: 'fid' does not say which network; use fid_tf_inception (the FID of papers: "
                          "pytorch-fid's TF Inception) or fid_tv_inception (torchvision's ImageNet Inception-v3)")
-    bad = [n for n in names if n not in METRIC_NAMES]
+    clash = [p for p in plugins if p in METRIC_NAMES]
+    if clash:
+        raise ValueError(f"metrics.plugins: {clash} are built-in metric names; name plug-ins otherwise")
+    for p, spec in plugins.items():
+        if not isinstance(spec, Mapping) or "class" not in spec or set(spec) - {"class", "weights", "kwargs"}:
+            raise ValueError(f"metrics.plugins.{p}: expected {{class: pkg.module:Class, weights: path, kwargs: {{}}}}, "
+                             f"got {spec!r}")
+    bad = [n for n in names if n not in METRIC_NAMES and n not in plugins]
     if bad:
-        raise ValueError(f"metrics.names: unknown {bad}; allowed: {list(METRIC_NAMES)}")
+        raise ValueError(f"metrics.names: unknown {bad}; allowed: {list(METRIC_NAMES)} or a metrics.plugins name "
+                         f"({list(plugins)})")
     return names
 
 
@@ -831,8 +847,9 @@ class MetricSuite:
         sha256: Mapping[str, str | None] | None = None,
         fid_sources: Sequence[str] = _SOURCES,
         identity_crop: tuple[float, float, float, float] | None = None,
+        plugins: Mapping[str, Mapping] | None = None,
     ):
-        names = check_metric_names(names)
+        names = check_metric_names(names, plugins)
         weights, sha256 = dict(weights or {}), dict(sha256 or {})
         bad = [k for k in list(weights) + list(sha256) if k not in WEIGHT_KEYS]
         if bad:
@@ -874,6 +891,48 @@ class MetricSuite:
                 m = build([name], name, lambda w, cls=cls, **kw: cls(w, **kw))
                 if m is not None:
                     self.fid[name] = m
+        self.niqe = None
+        if "niqe" in names:
+            self.niqe = build(["niqe"], "niqe", lambda w, **kw: NIQEMetric(w, **kw))
+        self.lmd: dict[str, LandmarkDistance] = {}
+        if "lmd_mtcnn5" in names:
+            self.lmd["lmd_mtcnn5"] = LandmarkDistance("lmd_mtcnn5", MTCNNLandmarks(device=str(self.device)))
+            self.weights_identity["lmd_mtcnn5"] = self.lmd["lmd_mtcnn5"].weights_identity
+        self.no_reference: dict[str, object] = {}
+        self.plugin_info: dict[str, tuple[str, bool, str, str]] = {}
+        for name, spec in dict(plugins or {}).items():
+            if name in names:
+                self._add_plugin(name, spec, storage_options)
+
+    def _add_plugin(self, name: str, spec: Mapping, storage_options: dict | None) -> None:
+        """A plug-in metric: Class(weights, device, **kwargs) with kind "landmarks" (an LMD) or "no_reference"
+        (score(images) -> (B,) floats, `higher_better`); MetricUnavailableError from it = unavailable."""
+        from tasks.plugins import import_plugin
+
+        cls = import_plugin(str(spec["class"]), f"metrics.plugins.{name}.class", "a plug-in metric class")
+        kind = getattr(cls, "kind", None)
+        if kind not in PLUGIN_KINDS:
+            raise ValueError(f"metrics.plugins.{name}: {spec['class']} has kind {kind!r}; expected one of "
+                             f"{list(PLUGIN_KINDS)}")
+        try:
+            plugin = cls(spec.get("weights"), str(self.device), **dict(spec.get("kwargs") or {}))
+        except MetricUnavailableError as e:
+            self.unavailable[name] = str(e)
+            return
+        ident = str(getattr(plugin, "weights_identity", "") or spec.get("weights") or spec["class"])
+        self.weights_identity[name] = ident
+        protocol = str(getattr(plugin, "protocol", "") or f"plug-in {spec['class']}")
+        if kind == "landmarks":
+            self.lmd[name] = LandmarkDistance(name, plugin, ident)
+            self.plugin_info[name] = (name, False, "{:.3f}", f"landmark distance (px), {protocol}")
+        else:
+            self.no_reference[name] = plugin
+            self.plugin_info[name] = (name, bool(getattr(plugin, "higher_better", True)), "{:.4f}", protocol)
+
+    @property
+    def full_reference(self) -> set[str]:
+        """Metrics that need the ground truth: the built-in ones and plug-in landmark distances."""
+        return set(FULL_REFERENCE) | set(self.lmd)
 
     @property
     def available(self) -> list[str]:
@@ -893,8 +952,9 @@ class MetricSuite:
         out = MetricBatch(unavailable=dict(self.unavailable))
         per_image = [m for m in self.available if m not in FID_NETWORKS]
         if gt is None:
-            skip = [m for m in per_image if m in FULL_REFERENCE or (target is None and m in ("ids", "deg"))]
-            out.not_applicable = {m: NO_GT if m in FULL_REFERENCE else "not applicable: no ground truth or input"
+            full = self.full_reference
+            skip = [m for m in per_image if m in full or (target is None and m in ("ids", "deg"))]
+            out.not_applicable = {m: NO_GT if m in full else "not applicable: no ground truth or input"
                                   for m in skip}
         vals = {m: np.full(n, np.nan, dtype=np.float64) for m in per_image}
         sources = [s for s in self.fid_sources if s == "restored" or gt is not None]
@@ -927,7 +987,51 @@ class MetricSuite:
         if self.identity is not None and ("ids" in names or "deg" in names):
             cos, deg = self.identity.compare(r32, g32)
             res.update({k: v for k, v in (("ids", cos), ("deg", deg)) if k in names})
-        return {k: v.detach().double().cpu().numpy() for k, v in res.items()}
+        out = {k: v.detach().double().cpu().numpy() for k, v in res.items()}
+        host = [m for m in names if m in self.lmd or m in self.no_reference or m == "niqe"]
+        if host:  # landmark detectors and NR metrics take RGB uint8 (H, W, 3) arrays
+            r_np = list(r8.permute(0, 2, 3, 1).cpu().numpy())
+            g_np = list(g8.permute(0, 2, 3, 1).cpu().numpy())
+            for m in host:
+                if m in self.lmd:
+                    out[m] = self.lmd[m].compare(r_np, g_np)
+                elif m == "niqe":
+                    out[m] = self.niqe(r_np)
+                else:
+                    out[m] = _plugin_scores(m, self.no_reference[m], r_np)
+        return out
+
+
+def _plugin_scores(name: str, plugin, images: list[np.ndarray]) -> np.ndarray:
+    v = np.asarray(plugin.score(images), dtype=np.float64).reshape(-1)
+    if v.shape != (len(images),):
+        raise ValueError(f"metric plug-in {name} returned {v.shape[0]} scores for {len(images)} images")
+    return v
+
+
+class NIQEMetric:
+    """NIQE (tasks.niqe) with pristine parameters from a path / URI (BasicSR niqe_pris_params.npz layout)."""
+
+    name = "niqe"
+
+    def __init__(self, weights: str | None, *, device=None, sha256: str | None = None,
+                 storage_options: dict | None = None):
+        from tasks.niqe import load_niqe_params
+
+        if not weights or weights == RANDOM_INIT:
+            raise MetricUnavailableError(
+                "no NIQE pristine parameters configured (metrics.weights.niqe: BasicSR's niqe_pris_params.npz holds "
+                "the published ones, or fit some with workflows/niqe_params.py)")
+        try:
+            self.params = load_niqe_params(weights, storage_options)
+        except FileNotFoundError as e:
+            raise MetricUnavailableError(str(e)) from None
+        self.weights_identity = f"niqe-params:{os.path.basename(weights.rstrip('/'))}"
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from tasks.niqe import niqe_batch
+
+        return niqe_batch(images, self.params)
 
 
 def _unit(x8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
