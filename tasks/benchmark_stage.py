@@ -64,6 +64,9 @@ class MetricsConfig:
                             "pt_inception-2015-12-05-6726825d.pth, fid_tv_inception: torchvision Inception-v3}; "
                             "unset = torch hub cache")
     sha256: dict = opt({}, "optional sha256 pins per weights key")
+    plugins: dict = opt({}, "plug-in metrics {name: {class: pkg.module:Class, weights: path/URI, kwargs: {}}}: "
+                            "kind 'no_reference' (e.g. tasks.iqa_plugins:PyIQAMetric with kwargs {metric: musiq}) "
+                            "or 'landmarks' (an LMD with another landmark detector); add the name to metrics.names")
     fid_reference: dict = opt({}, "named FID reference statistics {name: .npz path/URI with mu, sigma} (pytorch-fid "
                                   "/ clean-fid layout, or workflows/fid_stats.py); each FID metric of the file's "
                                   "protocol is also computed against each, e.g. {ffhq: s3://stats/ffhq512.npz}")
@@ -71,13 +74,30 @@ class MetricsConfig:
 
 def load_references(metrics: MetricsConfig, storage_options: dict | None = None) -> dict[str, FIDReference]:
     """The configured reference statistics, read and checked (on the driver, before anything runs)."""
-    check_metric_names(metrics.names)
+    check_metric_names(metrics.names, metrics.plugins)
     refs = {}
     for name, uri in (metrics.fid_reference or {}).items():
         if str(name) == "gt":
             raise ValueError("metrics.fid_reference: the name 'gt' is reserved for the run's ground truth")
         refs[str(name)] = load_fid_reference(str(name), str(uri), storage_options)
     return refs
+
+
+def plugin_report_info(metrics: MetricsConfig) -> dict[str, tuple[str, bool, str, str]]:
+    """{plug-in metric: (label, higher is better, format, protocol)} for the report, from the plug-in classes'
+    attributes (`higher_better`, default True; `protocol`), without building them."""
+    from tasks.plugins import import_plugin
+
+    out = {}
+    for name, spec in (metrics.plugins or {}).items():
+        if name not in metrics.names:
+            continue
+        cls = import_plugin(str(spec["class"]), f"metrics.plugins.{name}.class", "a plug-in metric class")
+        lmd = getattr(cls, "kind", "") == "landmarks"
+        protocol = str(getattr(cls, "protocol", "") or f"plug-in {spec['class']}")
+        out[name] = (name, False if lmd else bool(getattr(cls, "higher_better", True)), "{:.4f}",
+                     f"landmark distance (px), {protocol}" if lmd else protocol)
+    return out
 
 
 def feature_column(metric: str, source: str = "restored") -> str:
@@ -161,7 +181,8 @@ class BenchmarkStage:
         self.enhancers = {}
         self._add_enhancers({m["enhancer"] for m in self.methods if "N" in m}, enhancer, storage_options)
         self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256,
-                                 fid_sources=("restored",) if self.real_world else ("restored", "gt"))
+                                 fid_sources=("restored",) if self.real_world else ("restored", "gt"),
+                                 plugins=metrics.plugins)
         self.metric_names = [n for n in self.suite.names if n not in FID_METRICS]
 
     def _add_enhancers(self, names: set[str], enhancer: EnhancerConfig, storage_options: dict | None) -> None:

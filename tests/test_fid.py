@@ -16,6 +16,7 @@ from pytorch_fid import inception as pfi
 from models.fid_inception import fid_inception_v3
 from tasks import metrics as M
 from tasks.weights import RANDOM_INIT, WeightsError
+from tests.helpers import calibrated_fid_inception
 from workflows.fid_stats import main as fid_stats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,22 +25,11 @@ SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 @pytest.fixture(scope="module")
 def tf_inception(tmp_path_factory):
-    """A random FID Inception saved as a checkpoint file. Its BN statistics are those of a few real faces (one
-    train-mode pass), so every layer is normalised and the pool3 features depend strongly on the image (with
-    default statistics a random net's features barely change with its input, and equality would prove little)."""
-    torch.manual_seed(3)
-    model = fid_inception_v3()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: the pass sets the statistics exactly
-            m.reset_running_stats()
+    """A random FID Inception (BN statistics from real faces, see calibrated_fid_inception) saved as a file."""
     faces = [cv2.resize(cv2.imread(str(p))[..., ::-1], (96, 96), interpolation=cv2.INTER_AREA)
              for p in sorted(SAMPLES.glob("*.png"))[:4]]
-    with torch.no_grad():
-        model.train()(torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).float() / 255)
-    model.eval()
     path = tmp_path_factory.mktemp("tfinc") / "pt_inception_random.pth"
-    torch.save(model.state_dict(), path)
+    model = calibrated_fid_inception(path, np.stack(faces))
     return model.state_dict(), path
 
 

@@ -39,6 +39,7 @@ from tasks.benchmark_stage import (
     MetricsConfig,
     fid_scores,
     load_references,
+    plugin_report_info,
 )
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, RuntimeConfig
@@ -102,7 +103,8 @@ class BenchmarkConfig:
 
 
 def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
-    metrics = [(m, pa.float64()) for m in cfg.metrics.names if m not in FID_METRICS and m in METRIC_NAMES]
+    metrics = [(m, pa.float64()) for m in cfg.metrics.names
+               if m not in FID_METRICS and (m in METRIC_NAMES or m in (cfg.metrics.plugins or {}))]
     degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
     return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
             ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics]
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.mode not in MODES:
         log.error("--mode must be one of %s, got %r", list(MODES), cfg.mode)
         return 2
-    try:  # wrong metric names and unreadable reference statistics stop the run before Ray starts
+    try:  # wrong metric names, plug-ins and unreadable reference statistics stop the run before Ray starts
         references = load_references(cfg.metrics, so)
+        extra_metrics = plugin_report_info(cfg.metrics)
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     unavailable = _unavailable(cfg, df)
     not_applicable = {}
     if cfg.mode == "real-world":
-        not_applicable = {m: NO_GT for m in cfg.metrics.names if m in FULL_REFERENCE}
+        landmark_plugins = {m for m, info in extra_metrics.items() if info[3].startswith("landmark distance")}
+        not_applicable = {m: NO_GT for m in cfg.metrics.names if m in FULL_REFERENCE or m in landmark_plugins}
         for m in not_applicable:
             unavailable.pop(m, None)
     for m in fid_names:
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(df):
         written = write_report(df, cfg.output, fid=fid, unavailable=unavailable, meta=meta,
                                grid_samples=cfg.report_grid_samples, storage_options=so,
-                               references=ref_notes, not_applicable=not_applicable)
+                               references=ref_notes, not_applicable=not_applicable, extra_metrics=extra_metrics)
         summary.notes.append(f"report: {written.get('report.html', '')}")
     summary.notes += [f"{key} {m}: {v}" for key, per in fid.items() for m, v in per.items()]
     finish(summary, so)
@@ -200,8 +204,10 @@ def _unavailable(cfg: BenchmarkConfig, df) -> dict[str, str]:
     missing = [m for m in cfg.metrics.names if m not in FID_METRICS and (m not in df.columns or df[m].isna().all())]
     if not missing and not fids:
         return {}
+    if cfg.mode == "real-world":  # not applicable is not unavailable: no need to ask
+        missing = [m for m in missing if m not in FULL_REFERENCE]
     suite = MetricSuite([*missing, *fids], "cpu", cfg.metrics.weights, cfg.storage_options or None,
-                        sha256=cfg.metrics.sha256)
+                        sha256=cfg.metrics.sha256, plugins=cfg.metrics.plugins)
     return dict(suite.unavailable) | {m: "no value computed" for m in missing if m not in suite.unavailable}
 
 
