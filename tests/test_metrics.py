@@ -542,3 +542,14 @@ def test_bench_metrics_smoke(tmp_path, capsys):
     assert all(r["batched_ips"] > 0 and r["loop_ips"] > 0 and r["skimage_ips"] > 0 for r in result["rows"])
     assert "batched/loop" in capsys.readouterr().out
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["size"] == 24
+
+
+def test_bench_metrics_suite_smoke(capsys):
+    from bench import bench_metrics as bench
+
+    result = bench.main(["--suite", "psnr_y", "--new", "niqe,lmd_mtcnn5", "--sizes", "96", "--batch", "2",
+                         "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    (row,) = result["rows"]
+    assert row["base"] == "psnr_y" and row["new"] == "niqe,lmd_mtcnn5"
+    assert row["base_ips"] > row["with_new_ips"] > 0 and row["slowdown"] > 1
+    assert "img/s" in capsys.readouterr().out
