@@ -27,6 +27,14 @@ Conventions (see /work/shared/REFERENCE.md, "Metric conventions"):
   is comparable only with itself. A FID is against the run's ground truth or against reference statistics
   (`FIDReference`: mu/sigma in the pytorch-fid / clean-fid .npz layout).
 
+- LMD `lmd_mtcnn5` (tasks/lmd.py): mean distance in px of the bundled MTCNN's 5 landmarks, restored vs ground
+  truth (NaN where a face is not found); plug-in landmark detectors give `lmd_<name>` metrics.
+- NIQE `niqe` (tasks/niqe.py): the published no-reference algorithm against pristine parameters from a path.
+- Plug-ins (`plugins={name: {class, weights, kwargs}}`): kind "no_reference" (e.g. pyiqa's learned metrics via
+  tasks/iqa_plugins.py) or "landmarks"; a plug-in raising MetricUnavailableError is unavailable with its reason.
+- Without ground truth (real-world inputs) the full-reference metrics are not applicable (NaN, with the reason)
+  and identity compares the output with the method's input.
+
 Every pretrained network loads from a configured local path or fsspec URI (or the torch hub cache for the
 torchvision backbones); when the weights are absent the metric is reported unavailable with the reason and no
 number is produced. `tasks.weights.RANDOM_INIT` ("random-init") as a weights setting builds a deliberately

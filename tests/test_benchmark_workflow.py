@@ -114,3 +114,12 @@ def test_benchmark_real_world(ray_local, tmp_path):
     assert "## Not applicable" in report and "no ground truth" in report
     assert "FID TF-Inception ↓ vs lqref" in report and "the method's input (no ground truth)" in report
     assert "meanlevel" in report and "NIQE ↓" in report
+
+
+def test_wrong_metric_options_refused_before_ray(tmp_path, caplog):
+    out = str(tmp_path / "out")
+    assert benchmark(["--output", out, "--metrics.names", "[psnr_y, fid]"]) == 2
+    assert "fid_tf_inception" in caplog.text and "fid_tv_inception" in caplog.text
+    assert benchmark(["--output", out, "--mode", "wild"]) == 2 and "real-world" in caplog.text
+    assert benchmark(["--output", out, "--metrics.fid-reference", json.dumps({"ffhq": str(tmp_path / "no.npz")})]) == 2
+    assert "no.npz" in caplog.text and not (tmp_path / "out").exists()
