@@ -319,7 +319,9 @@ def fid_scores(output: str, storage_options: dict | None = None,
             t = pq.read_table(f)
         feats = np.asarray(t.column("features").combine_chunks().flatten()).reshape(-1, FID_DIM).astype(np.float64)
         src = np.asarray(t.column("source").to_pylist(), dtype=object)
-        metric = np.asarray(t.column("metric").to_pylist(), dtype=object)
+        # shards written before FID metrics were named hold torchvision-Inception features only
+        metric = (np.asarray(t.column("metric").to_pylist(), dtype=object) if "metric" in t.column_names
+                  else np.full(len(src), "fid_tv_inception", dtype=object))
         for key in set(zip(metric, src)):
             stats.setdefault(key, FIDStats(FID_DIM)).update(feats[(metric == key[0]) & (src == key[1])])
     out: dict[str, dict[str, float | str]] = {}

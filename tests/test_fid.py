@@ -152,3 +152,43 @@ def test_fid_stats_command_equals_pytorch_fid_statistics(tf_inception, pytorch_f
     assert fid_stats(["--input", str(src), "--output", str(tmp_path / "r.npz"), "--weights", RANDOM_INIT,
                       "--image.size", "64"]) == 0
     assert "random-init" in M.load_fid_reference("r", str(tmp_path / "r.npz")).source
+
+
+def test_fid_scores_from_shards_new_and_old_layout(tmp_path):
+    """fid_scores merges committed feature shards per (network, source); an uncommitted shard is ignored, and a
+    shard of the old layout (no metric column) is read as torchvision-Inception features."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.benchmark_stage import fid_scores
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "fid").mkdir()
+    (tmp_path / "manifest").mkdir()
+    feats = {s: rng.normal(loc, 1.0, (6, 2048)) for s, loc in (("gt", 0.0), ("dr2", 0.3))}
+
+    def shard(name, rows, metric=True, commit=True):
+        cols = {"id": [r[0] for r in rows], "source": [r[1] for r in rows]}
+        if metric:
+            cols["metric"] = [r[2] for r in rows]
+        cols["features"] = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([r[3][None] for r in rows])
+                                                                      .astype(np.float32).ravel()), 2048)
+        pq.write_table(pa.table(cols), tmp_path / "fid" / name)
+        if commit:
+            (tmp_path / "manifest" / name).write_bytes(b"")
+
+    rows = [(str(i), s, "fid_tf_inception", feats[s][i]) for s in feats for i in range(6)]
+    shard("a.parquet", rows[:3] + rows[6:9])
+    shard("b.parquet", rows[3:6] + rows[9:12])
+    shard("c.parquet", [(str(i), "dr2", "fid_tf_inception", np.zeros(2048)) for i in range(4)], commit=False)
+    shard("d.parquet", [(r[0], r[1], "", r[3]) for r in rows], metric=False)
+    ref = M.FIDReference("set", "mem", feats["gt"].mean(axis=0), np.cov(feats["gt"], rowvar=False))
+    out = fid_scores(str(tmp_path), references={"set": ref})
+    assert set(out) == {"fid_tf_inception@gt", "fid_tf_inception@set", "fid_tv_inception@gt"}
+    f32 = {s: f.astype(np.float32).astype(np.float64) for s, f in feats.items()}
+    # (frechet_distance equals pytorch-fid's above; its 2048-d sqrtm is too slow to repeat here)
+    expected = M.frechet_distance(f32["dr2"].mean(0), np.cov(f32["dr2"], rowvar=False), f32["gt"].mean(0),
+                                  np.cov(f32["gt"], rowvar=False))
+    assert out["fid_tf_inception@gt"]["dr2"] == pytest.approx(expected, rel=1e-6)
+    assert out["fid_tv_inception@gt"]["dr2"] == pytest.approx(expected, rel=1e-6)
+    assert out["fid_tf_inception@set"]["dr2"] == pytest.approx(expected, rel=1e-4)  # reference from float64 feats
