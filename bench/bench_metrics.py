@@ -8,6 +8,15 @@ LPIPS runs with a random backbone (weights do not change its speed; no download 
 
     scripts/env.sh python bench/bench_metrics.py                                  # CPU, 256 and 512, batch 16
     scripts/env.sh python bench/bench_metrics.py --metrics lpips_alex,lpips_vgg --sizes 256 --device cuda
+
+--suite times the whole MetricSuite (what a benchmark actor runs per batch) on real faces (data/samples, tiled
+to the batch, with a noisy copy as the "restoration"): the --suite metrics alone, then with --new added (the
+paper-comparable ones: NIQE, LMD, TF-Inception FID features), in the same process; it prints both images/s and
+their ratio. Networks are random-init (speed does not depend on weights); NIQE's pristine parameters are fitted
+on the sample faces first.
+
+    scripts/env.sh python bench/bench_metrics.py --suite psnr_rgb,psnr_y,ssim_rgb,ssim_y,lpips_alex \\
+        --new niqe,lmd_mtcnn5,fid_tf_inception --sizes 512 --batch 8 --threads 1
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +60,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         " with more threads it also counts their spin-waits)")
     p.add_argument("--no-skimage", action="store_true", help="skip the skimage per-image reference loop")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--suite", metavar="METRICS", help="time the MetricSuite with these metrics (comma-separated) "
+                                                       "instead of single metrics, then with --new added")
+    p.add_argument("--new", default="niqe,lmd_mtcnn5,fid_tf_inception",
+                   help="metrics added to --suite for the second timing (comma-separated)")
     return p.parse_args(argv)
 
 
@@ -152,8 +166,73 @@ def render(rows: list[dict]) -> str:
     return "\n".join([line(head), sep, *(line(c) for c in cells)])
 
 
+def face_pairs(batch: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy copy, face) uint8 (B, H, W, 3): data/samples faces tiled to the batch (smooth fields without them)."""
+    from pathlib import Path
+
+    from tasks.images import decode_image, resize_to
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "data" / "samples").glob("*.png"))
+    if not paths:
+        return make_pairs(batch, size, seed)
+    faces = [resize_to(decode_image(p.read_bytes())[0], size) for p in paths]
+    gt = np.stack([faces[i % len(faces)] for i in range(batch)])
+    rng = np.random.default_rng(seed)
+    return np.clip(gt + rng.normal(0, 8, gt.shape), 0, 255).astype(np.uint8), gt
+
+
+def run_suites(args, device: torch.device) -> list[dict]:
+    """images/s of MetricSuite(base) and MetricSuite(base + new) on the same pairs, per size."""
+    import tempfile
+
+    from tasks.niqe import fit_pristine, luma
+
+    base = [n for n in args.suite.split(",") if n]
+    new = [n for n in args.new.split(",") if n and n not in base]
+    rows = []
+    pristine = fit_pristine([luma(g) for g in face_pairs(4, 512)[1]])  # the sample faces at 512
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        r8, g8 = face_pairs(args.batch, size)
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "niqe.npz"
+            params.write_bytes(pristine.to_npz())
+            weights = {k: RANDOM_INIT for k in ("lpips_alex", "lpips_vgg", "identity", *M.FID_METRICS)}
+            weights["niqe"] = str(params)
+            suites = {"base": M.MetricSuite(base, device, weights),
+                      "with new": M.MetricSuite(base + new, device, weights)}
+            times = {}
+            for label, suite in suites.items():
+                if suite.unavailable:
+                    raise SystemExit(f"unavailable: {suite.unavailable}")
+                times[label] = timed(lambda suite=suite, r8=r8, g8=g8: suite(r8, g8), device, args.warmup,
+                                     args.repeats, args.clock)
+        b = args.batch
+        row = dict(size=size, batch=b, base=",".join(base), new=",".join(new), base_ips=b / times["base"],
+                   with_new_ips=b / times["with new"], slowdown=times["with new"] / times["base"])
+        print(f"#   suite @ {size}: {row['base']}: {row['base_ips']:.2f} img/s; + {row['new']}: "
+              f"{row['with_new_ips']:.2f} img/s ({row['slowdown']:.2f}x the time)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.suite:
+        device = torch.device(args.device)
+        with kept_state():
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                          clock=args.clock, cores=os.cpu_count(), loadavg_start=load_average())
+            print(f"# metric suite throughput: device {device}, {header['threads']} threads, {args.clock} clock, "
+                  f"load average at start {header['loadavg_start']}", flush=True)
+            rows = run_suites(args, device)
+            header["loadavg_end"] = load_average()
+            result = dict(header=header, rows=rows)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+            return result
     names = [n for n in args.metrics.split(",") if n]
     bad = [n for n in names if n not in ALL]
     if bad:

@@ -1,7 +1,10 @@
 """Benchmark stages: seeded synthetic degradation (CPU tasks), then methods + metrics (GPU actors).
 
 A sample enters as its HQ face (the ground truth, at `image.size`) and leaves as one row per method
-with that method's metrics, its restored pixels and, when FID is on, its Inception features.
+with that method's metrics, its restored pixels and, when FID is on, its Inception features (one column per
+FID network, `features:<metric>`). In real-world mode a sample enters as the degraded face itself (no ground
+truth): `AsObserved` replaces the degradation, full-reference metrics are not applicable, identity compares
+output with input, and FIDs are against reference statistics (metrics.fid_reference).
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, to_uint8
 from tasks.faults import TRANSIENT, TransientError
 from tasks.images import resize_to
 from tasks.manifest import ManifestWriter, manifest_prefix, shard_name
-from tasks.metrics import FIDStats, MetricSuite, fid_from_stats
+from tasks.metrics import (
+    FID_DIM,
+    FID_METRICS,
+    FIDReference,
+    FIDStats,
+    MetricSuite,
+    check_metric_names,
+    fid_against_reference,
+    fid_from_stats,
+    load_fid_reference,
+)
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.storage import get_fs, join_under, write_bytes
 
@@ -45,10 +58,65 @@ class DegradationConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     names: list[str] = opt(["psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg",
-                            "fid"], "metrics to compute; one whose weights are absent is reported unavailable")
+                            "fid_tf_inception"], "metrics to compute (tasks.metrics.METRIC_NAMES); one whose weights "
+                                                 "are absent is reported unavailable")
     weights: dict = opt({}, "weights per network: {lpips_alex, lpips_vgg: torchvision backbone state_dicts, "
-                            "identity: ArcFace iresnet50 backbone.pth, fid: Inception-v3}; unset = torch hub cache")
+                            "identity: ArcFace iresnet50 backbone.pth, fid_tf_inception: pytorch-fid's "
+                            "pt_inception-2015-12-05-6726825d.pth, fid_tv_inception: torchvision Inception-v3}; "
+                            "unset = torch hub cache")
     sha256: dict = opt({}, "optional sha256 pins per weights key")
+    plugins: dict = opt({}, "plug-in metrics {name: {class: pkg.module:Class, weights: path/URI, kwargs: {}}}: "
+                            "kind 'no_reference' (e.g. tasks.iqa_plugins:PyIQAMetric with kwargs {metric: musiq}) "
+                            "or 'landmarks' (an LMD with another landmark detector); add the name to metrics.names")
+    fid_reference: dict = opt({}, "named FID reference statistics {name: .npz path/URI with mu, sigma} (pytorch-fid "
+                                  "/ clean-fid layout, or workflows/fid_stats.py); each FID metric of the file's "
+                                  "protocol is also computed against each, e.g. {ffhq: s3://stats/ffhq512.npz}")
+
+
+def load_references(metrics: MetricsConfig, storage_options: dict | None = None) -> dict[str, FIDReference]:
+    """The configured reference statistics, read and checked (on the driver, before anything runs)."""
+    check_metric_names(metrics.names, metrics.plugins)
+    refs = {}
+    for name, uri in (metrics.fid_reference or {}).items():
+        if str(name) == "gt":
+            raise ValueError("metrics.fid_reference: the name 'gt' is reserved for the run's ground truth")
+        refs[str(name)] = load_fid_reference(str(name), str(uri), storage_options)
+    return refs
+
+
+def plugin_report_info(metrics: MetricsConfig) -> dict[str, tuple[str, bool, str, str]]:
+    """{plug-in metric: (label, higher is better, format, protocol)} for the report, from the plug-in classes'
+    attributes (`higher_better`, default True; `protocol`), without building them."""
+    from tasks.plugins import import_plugin
+
+    out = {}
+    for name, spec in (metrics.plugins or {}).items():
+        if name not in metrics.names:
+            continue
+        cls = import_plugin(str(spec["class"]), f"metrics.plugins.{name}.class", "a plug-in metric class")
+        lmd = getattr(cls, "kind", "") == "landmarks"
+        protocol = str(getattr(cls, "protocol", "") or f"plug-in {spec['class']}")
+        out[name] = (name, False if lmd else bool(getattr(cls, "higher_better", True)), "{:.4f}",
+                     f"landmark distance (px), {protocol}" if lmd else protocol)
+    return out
+
+
+def feature_column(metric: str, source: str = "restored") -> str:
+    """The batch column of one FID network's features: `features:<metric>` / `gt_features:<metric>`."""
+    return f"{'gt_' if source == 'gt' else ''}features:{metric}"
+
+
+class AsObserved:
+    """Real-world mode's stand-in for `Degrade`: the input face is the method input; there is no ground truth.
+
+    Sets `lq_pixels` to the image and `deg_level` to "real-world" (the report's only level); other degradation
+    columns stay empty.
+    """
+
+    LEVEL = "real-world"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(batch, lq_pixels=batch["image"], deg_level=np.array([self.LEVEL] * len(batch["id"]), dtype=object))
 
 
 def parse_methods(methods: list[dict]) -> list[dict]:
@@ -98,21 +166,25 @@ class BenchmarkStage:
     """GPU actor: every method on the batch (DR2 once per distinct (N, tau)), then batched metrics.
 
     Returns one row per (sample, method): the sample's columns, `method`, `restored` pixels at the GT size,
-    the metric columns, and `features` (Inception pool3) when FID is on (plus `gt_features` on 'input' rows).
+    the metric columns, and per FID network `features:<metric>` (pool3) (plus `gt_features:<metric>` on the
+    first method's rows). real_world: the batch's image is the degraded input, there is no ground truth.
     """
 
     def __init__(self, methods: list[dict], dr2: DR2Config, enhancer: EnhancerConfig, metrics: MetricsConfig,
                  runtime: RuntimeConfig, seed: int, model_size: int = 256, storage_options: dict | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, real_world: bool = False):
         self.methods = parse_methods(methods)
+        self.real_world = bool(real_world)
         self.model_size, self.seed = model_size, int(seed)
         self.dr2 = DR2Stage(dr2, runtime, seed, storage_options) if any("N" in m for m in self.methods) else None
         # without DR2 methods, a subclass's sampler device (or the CPU) hosts the enhancers and the metrics
         self.device = self.dr2.device if self.dr2 else (device or torch.device("cpu"))
         self.enhancers = {}
         self._add_enhancers({m["enhancer"] for m in self.methods if "N" in m}, enhancer, storage_options)
-        self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256)
-        self.metric_names = [n for n in self.suite.names if n != "fid"]
+        self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256,
+                                 fid_sources=("restored",) if self.real_world else ("restored", "gt"),
+                                 plugins=metrics.plugins)
+        self.metric_names = [n for n in self.suite.names if n not in FID_METRICS]
 
     def _add_enhancers(self, names: set[str], enhancer: EnhancerConfig, storage_options: dict | None) -> None:
         for name in names - set(self.enhancers):
@@ -150,15 +222,17 @@ class BenchmarkStage:
         ok = np.flatnonzero(batch["status"] == "ok")
         pos = {k: j for j, k in enumerate(ok)}
         outs = self._method_outputs(batch, ok) if len(ok) else {}
-        gt = batch["image"][ok]
+        gt = None if self.real_world else batch["image"][ok]
+        lq = batch["lq_pixels"][ok]
         carry = [c for c in batch if c not in ("image", "lq_pixels")]
         extra = ["method", "N", "tau", "omega", "seed", "weights"]
         cols: dict[str, list] = {c: [] for c in carry + extra + self.metric_names}
-        restored, feats, gt_feats, has_gt = [], [], [], []
-        fid = self.suite.inception is not None
-        zero_img, zero_feat = np.zeros((size, size, 3), np.uint8), np.zeros(2048, np.float32)
+        restored, has_gt = [], []
+        nets = list(self.suite.fid)
+        feats = {feature_column(m, s): [] for m in nets for s in ("restored", "gt")}
+        zero_img, zero_feat = np.zeros((size, size, 3), np.uint8), np.zeros(FID_DIM, np.float32)
         for m in self.methods:
-            res = self.suite(outs[m["name"]], gt) if len(ok) else None
+            res = self.suite(outs[m["name"]], gt, input=lq) if len(ok) else None
             for k in range(n):
                 j = pos.get(k)
                 for c in carry:
@@ -174,36 +248,47 @@ class BenchmarkStage:
                 for name in self.metric_names:
                     v = res.values.get(name) if res is not None else None
                     cols[name].append(float(v[j]) if v is not None and j is not None else np.nan)
-                if fid:
-                    f = res.fid_features if res is not None and j is not None else {}
-                    feats.append(f["restored"][j].astype(np.float32) if "restored" in f else zero_feat)
-                    first = m is self.methods[0] and "gt" in f  # GT features once per sample
-                    gt_feats.append(f["gt"][j].astype(np.float32) if first else zero_feat)
+                first = m is self.methods[0] and j is not None and not self.real_world  # GT features once per sample
+                if nets:
                     has_gt.append(bool(first))
+                for net in nets:
+                    f = res.fid_features.get(net, {}) if res is not None and j is not None else {}
+                    feats[feature_column(net)].append(f["restored"][j].astype(np.float32) if f else zero_feat)
+                    feats[feature_column(net, "gt")].append(f["gt"][j].astype(np.float32) if first else zero_feat)
         out = {c: np.array(v, dtype=object) if v and isinstance(v[0], str) else np.array(v) for c, v in cols.items()}
         out["restored"] = np.stack(restored)
         out["stem"] = np.array([f"{mth}/{s}" for mth, s in zip(cols["method"], cols["stem"])], dtype=object)
-        if fid:
-            out.update(features=np.stack(feats), gt_features=np.stack(gt_feats), has_gt_features=np.array(has_gt))
+        if nets:
+            out.update({c: np.stack(v) for c, v in feats.items()}, has_gt_features=np.array(has_gt))
         return out
 
 
-FEATURE_COLUMNS = ("features", "gt_features", "has_gt_features")
+def _is_feature_column(name: str) -> bool:
+    return name.startswith(("features:", "gt_features:")) or name == "has_gt_features"
 
 
 class BenchmarkManifestWriter(ManifestWriter):
     """Writes the batch's Inception features to <output>/fid/<shard> first, then the manifest shard (the
-    commit marker), so FID statistics exist exactly for committed samples and merge exactly at the end."""
+    commit marker), so FID statistics exist exactly for committed samples and merge exactly at the end.
+    Feature rows: (id, source = method or "gt", metric = the FID network's metric name, features)."""
 
     def __call__(self, batch: dict) -> dict:
-        if "features" in batch:
+        nets = [c.split(":", 1)[1] for c in batch if c.startswith("features:")]
+        if nets:
             ids = [str(i) for i in batch["id"]]
             gt = np.asarray(batch["has_gt_features"], dtype=bool)
+            gt_ids = [i for i, g in zip(ids, gt) if g]
+            methods = [str(m) for m in batch["method"]]
+            rows_id, rows_src, rows_metric, blocks = [], [], [], []
+            for net in nets:
+                rows_id += ids + gt_ids
+                rows_src += methods + ["gt"] * len(gt_ids)
+                rows_metric += [net] * (len(ids) + len(gt_ids))
+                blocks += [batch[feature_column(net)], batch[feature_column(net, "gt")][gt]]
             table = pa.table({
-                "id": ids + [i for i, g in zip(ids, gt) if g],
-                "source": [str(m) for m in batch["method"]] + ["gt"] * int(gt.sum()),
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(
-                    [batch["features"], batch["gt_features"][gt]]).reshape(-1)), 2048),
+                "id": rows_id, "source": rows_src, "metric": rows_metric,
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(
+                    np.concatenate(blocks).astype(np.float32).reshape(-1)), FID_DIM),
             })
             buf = io.BytesIO()
             pq.write_table(table, buf)
@@ -214,14 +299,19 @@ class BenchmarkManifestWriter(ManifestWriter):
             except TransientError as e:  # features missing: none of these rows may be committed
                 batch = dict(batch, status=np.full(len(ids), TRANSIENT, dtype=object),
                              error_kind=np.full(len(ids), e.kind, dtype=object))
-        return super().__call__({k: v for k, v in batch.items() if k not in FEATURE_COLUMNS})
+        return super().__call__({k: v for k, v in batch.items() if not _is_feature_column(k)})
 
 
-def fid_scores(output: str, storage_options: dict | None = None) -> dict[str, float | str]:
-    """FID of each method against the GT, from the feature shards of committed manifest shards."""
+def fid_scores(output: str, storage_options: dict | None = None,
+               references: dict[str, FIDReference] | None = None) -> dict[str, dict[str, float | str]]:
+    """FIDs from the feature shards of committed manifest shards: {"<metric>@<reference>": {method: value}}.
+
+    reference "gt": against this run's ground-truth images (when the run has them); any other: the named
+    reference statistics of the same protocol. A value is a float or "unavailable: <reason>".
+    """
     fs, root = get_fs(join_under(output, FID_DIR), storage_options)
     _, committed = get_fs(manifest_prefix(output), storage_options)
-    stats: dict[str, FIDStats] = {}
+    stats: dict[tuple[str, str], FIDStats] = {}
     try:
         paths = sorted(fs.find(root))
     except FileNotFoundError:
@@ -232,15 +322,23 @@ def fid_scores(output: str, storage_options: dict | None = None) -> dict[str, fl
             continue  # features of a shard that never committed
         with fs.open(p, "rb") as f:
             t = pq.read_table(f)
-        feats = np.asarray(t.column("features").combine_chunks().flatten()).reshape(-1, 2048).astype(np.float64)
+        feats = np.asarray(t.column("features").combine_chunks().flatten()).reshape(-1, FID_DIM).astype(np.float64)
         src = np.asarray(t.column("source").to_pylist(), dtype=object)
-        for s in set(src):
-            stats.setdefault(s, FIDStats()).update(feats[src == s])
-    if "gt" not in stats:
-        return {}
-    out: dict[str, float | str] = {}
-    for method, st in stats.items():
-        if method != "gt":
-            out[method] = (fid_from_stats(st, stats["gt"]) if min(st.count, stats["gt"].count) >= 2
-                           else "unavailable: fewer than 2 images")
+        # shards written before FID metrics were named hold torchvision-Inception features only
+        metric = (np.asarray(t.column("metric").to_pylist(), dtype=object) if "metric" in t.column_names
+                  else np.full(len(src), "fid_tv_inception", dtype=object))
+        for key in set(zip(metric, src)):
+            stats.setdefault(key, FIDStats(FID_DIM)).update(feats[(metric == key[0]) & (src == key[1])])
+    out: dict[str, dict[str, float | str]] = {}
+    for (metric, method), st in sorted(stats.items()):
+        if method == "gt":
+            continue
+        gt = stats.get((metric, "gt"))
+        if gt is not None:
+            out.setdefault(f"{metric}@gt", {})[method] = (
+                fid_from_stats(st, gt) if min(st.count, gt.count) >= 2 else "unavailable: fewer than 2 images")
+        for ref in (references or {}).values():
+            if ref.protocol == metric:
+                out.setdefault(f"{metric}@{ref.name}", {})[method] = (
+                    fid_against_reference(st, ref) if st.count >= 2 else "unavailable: fewer than 2 images")
     return out

@@ -463,13 +463,13 @@ class DynamicBenchmarkStage(BenchmarkStage):
 
     def __init__(self, methods: list[dict], dynamic: DynamicConfig, dr2, enhancer: EnhancerConfig,
                  metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, real_world: bool = False):
         methods = parse_methods_with_dynamic(methods)
         dynamic_methods = [m for m in methods if is_dynamic(m)]
         self.dynamic_stage = DynamicStage(dynamic, None, runtime, seed, storage_options, dr2=dr2,
                                           diffuse_modes=[self._diffuse(m, dynamic) for m in dynamic_methods])
         super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
-                         model_size, storage_options, device=self.dynamic_stage.device)
+                         model_size, storage_options, device=self.dynamic_stage.device, real_world=real_world)
         self.methods = methods
         self._add_enhancers({m["enhancer"] for m in dynamic_methods}, enhancer, storage_options)
         self._results: dict[str, tuple[list[DynParams], list[dict]]] = {}

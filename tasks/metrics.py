@@ -20,8 +20,20 @@ Conventions (see /work/shared/REFERENCE.md, "Metric conventions"):
 - Identity: insightface arcface_torch IResNet-50 (`backbone.pth` key layout), RGB input resized to 112x112,
   normalised (x - 0.5) / 0.5, 512-d embedding L2-normalised; "ids" = cosine similarity (higher is better),
   "deg" = angle in degrees (lower is better).
-- FID: 2048-d pool3 features of torchvision's Inception-v3; statistics accumulated as (count, sum, sum of outer
-  products) in float64 and merged exactly across shards.
+- FID: 2048-d pool3 features, statistics accumulated as (count, sum, sum of outer products) in float64 and
+  merged exactly across shards. Two networks, each its own metric name: `fid_tf_inception` is the FID of the
+  literature (pytorch-fid's port of the 2015 TensorFlow Inception, models/fid_inception.py, with pytorch-fid's
+  input handling: bilinear 299x299, 2x - 1); `fid_tv_inception` uses torchvision's ImageNet Inception-v3 and
+  is comparable only with itself. A FID is against the run's ground truth or against reference statistics
+  (`FIDReference`: mu/sigma in the pytorch-fid / clean-fid .npz layout).
+
+- LMD `lmd_mtcnn5` (tasks/lmd.py): mean distance in px of the bundled MTCNN's 5 landmarks, restored vs ground
+  truth (NaN where a face is not found); plug-in landmark detectors give `lmd_<name>` metrics.
+- NIQE `niqe` (tasks/niqe.py): the published no-reference algorithm against pristine parameters from a path.
+- Plug-ins (`plugins={name: {class, weights, kwargs}}`): kind "no_reference" (e.g. pyiqa's learned metrics via
+  tasks/iqa_plugins.py) or "landmarks"; a plug-in raising MetricUnavailableError is unavailable with its reason.
+- Without ground truth (real-world inputs) the full-reference metrics are not applicable (NaN, with the reason)
+  and identity compares the output with the method's input.
 
 Every pretrained network loads from a configured local path or fsspec URI (or the torch hub cache for the
 torchvision backbones); when the weights are absent the metric is reported unavailable with the reason and no
@@ -44,6 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.arcface import IResNet, iresnet50
+from models.fid_inception import fid_inception_v3
+from tasks.lmd import LandmarkDistance, MTCNNLandmarks
+from tasks.storage import get_fs
 from tasks.weights import RANDOM_INIT, WeightsNotFoundError, load_weights
 
 __all__ = [
@@ -57,7 +73,13 @@ __all__ = [
     "MetricBatch",
     "MetricSuite",
     "MetricUnavailableError",
+    "FIDReference",
+    "TFInceptionFeatures",
+    "check_metric_names",
+    "fid_against_reference",
     "fid_from_stats",
+    "fid_reference_npz",
+    "load_fid_reference",
     "frechet_distance",
     "iresnet50",
     "psnr",
@@ -65,16 +87,47 @@ __all__ = [
     "ssim",
 ]
 
-METRIC_NAMES = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg", "fid")
+FID_METRICS = ("fid_tf_inception", "fid_tv_inception")  # dataset-level: the literature's network, torchvision's
+METRIC_NAMES = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "ids", "deg", "lmd_mtcnn5",
+                "niqe", *FID_METRICS)
+# Per-image metrics that compare with the ground truth: not applicable to real-world inputs.
+FULL_REFERENCE = ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "lpips_vgg", "lmd_mtcnn5")
 # Keys of MetricSuite's `weights` / `sha256` mappings: one per pretrained network ("identity" serves ids and deg).
-WEIGHT_KEYS = ("lpips_alex", "lpips_vgg", "identity", "fid")
+# "niqe" is the pristine-parameter .npz (BasicSR's niqe_pris_params.npz layout), not a network.
+WEIGHT_KEYS = ("lpips_alex", "lpips_vgg", "identity", "niqe", *FID_METRICS)
+PLUGIN_KINDS = ("landmarks", "no_reference")
 
 # torch hub cache file names of the torchvision ImageNet checkpoints ($TORCH_HOME/hub/checkpoints/<name>).
 HUB_FILES = {
     "alexnet": "alexnet-owt-7be5be79.pth",
     "vgg16": "vgg16-397923af.pth",
     "inception_v3": "inception_v3_google-0cc3c7bd.pth",
+    "pt_inception": "pt_inception-2015-12-05-6726825d.pth",  # pytorch-fid's port of the 2015 TF graph
 }
+
+
+def check_metric_names(names: Sequence[str], plugins: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The names, deduplicated in order; ValueError naming the allowed values otherwise ("fid" is ambiguous).
+
+    plugins: {metric name: {class, weights?, kwargs?}} (metrics.plugins): their names are allowed too.
+    """
+    names = list(dict.fromkeys(names))
+    plugins = dict(plugins or {})
+    if "fid" in names:
+        raise ValueError("metrics.names: 'fid' does not say which network; use fid_tf_inception (the FID of papers: "
+                         "pytorch-fid's TF Inception) or fid_tv_inception (torchvision's ImageNet Inception-v3)")
+    clash = [p for p in plugins if p in METRIC_NAMES]
+    if clash:
+        raise ValueError(f"metrics.plugins: {clash} are built-in metric names; name plug-ins otherwise")
+    for p, spec in plugins.items():
+        if not isinstance(spec, Mapping) or "class" not in spec or set(spec) - {"class", "weights", "kwargs"}:
+            raise ValueError(f"metrics.plugins.{p}: expected {{class: pkg.module:Class, weights: path, kwargs: {{}}}}, "
+                             f"got {spec!r}")
+    bad = [n for n in names if n not in METRIC_NAMES and n not in plugins]
+    if bad:
+        raise ValueError(f"metrics.names: unknown {bad}; allowed: {list(METRIC_NAMES)} or a metrics.plugins name "
+                         f"({list(plugins)})")
+    return names
 
 
 class MetricUnavailableError(RuntimeError):
@@ -374,60 +427,6 @@ def _copy_backbone(lpips_net: nn.Module, features: nn.Sequential) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _IBlock(nn.Module):
-    """Pre-activation basic block of insightface's IResNet: BN-conv-BN-PReLU-conv(stride)-BN + shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
-        self.prelu = nn.PReLU(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-
-class IResNet(nn.Module):
-    """insightface arcface_torch IResNet (inference only) with the key layout of its released `backbone.pth`:
-    conv1/bn1/prelu stem at 112x112, four stages of `_IBlock`s (64, 128, 256, 512 channels, each starting with a
-    stride-2 block with a conv1x1+BN `downsample`), bn2, fc (512*7*7 -> 512), features (BatchNorm1d).
-    """
-
-    def __init__(self, layers: Sequence[int] = (3, 4, 14, 3), num_features: int = 512):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = nn.PReLU(64)
-        cin = 64
-        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
-            blocks = [_IBlock(cin, width, 2)] + [_IBlock(width, width, 1) for _ in range(n - 1)]
-            setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            cin = width
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-        self.dropout = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(512 * 7 * 7, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
-        nn.init.constant_(self.features.weight, 1.0)  # frozen at 1 in training
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x))
-
-
-def iresnet50() -> IResNet:
-    """arcface_torch `r50` (layers 3, 4, 14, 3), e.g. ms1mv3_arcface_r50_fp16/backbone.pth."""
-    return IResNet((3, 4, 14, 3))
-
-
 class IdentityEmbedder:
     """ArcFace identity embeddings (insightface arcface_torch IResNet-50 `backbone.pth`).
 
@@ -493,7 +492,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InceptionFeatures:
-    """2048-d pool3 features (global average pool before `fc`) of torchvision's Inception-v3.
+    """2048-d pool3 features (global average pool before `fc`) of torchvision's Inception-v3: `fid_tv_inception`.
 
     weights: torchvision's `inception_v3` ImageNet state_dict (inception_v3_google-0cc3c7bd.pth layout, with the
     AuxLogits head) from a path / fsspec URI; None looks in the torch hub cache; RANDOM_INIT for tests.
@@ -501,13 +500,11 @@ class InceptionFeatures:
     pytorch-fid resizes), normalised with the ImageNet mean/std and passed through the model with
     transform_input=True, exactly as torchvision runs these weights (together equivalent to 2x - 1).
 
-    This is NOT the TF-FID number of the FID literature: that uses the 2015 TensorFlow Inception graph
-    (pytorch-fid's `pt_inception-2015-12-05` weights with its modified blocks and 1008-class fc); those weights
-    are rejected here by the strict load (fc shape). Compare FIDs only between runs of the same weights and
-    resize settings, and store images as PNG (JPEG changes FID).
+    This is NOT the FID of the literature: that is `TFInceptionFeatures` (`fid_tf_inception`). Compare FIDs only
+    between runs of the same network and resize settings, and store images as PNG (JPEG changes FID).
     """
 
-    name = "fid"
+    name = "fid_tv_inception"
     size = 299
     dim = 2048
 
@@ -522,7 +519,7 @@ class InceptionFeatures:
     ):
         from torchvision.models import inception_v3
 
-        uri = _resolve(weights, "Inception-v3 (FID)", HUB_FILES["inception_v3"])
+        uri = _resolve(weights, "torchvision Inception-v3 (fid_tv_inception)", HUB_FILES["inception_v3"])
         kwargs = dict(weights=None, aux_logits=True, transform_input=True, init_weights=False)
         if uri == RANDOM_INIT:
             model, self.weights_identity = inception_v3(**kwargs), RANDOM_INIT
@@ -547,6 +544,48 @@ class InceptionFeatures:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=self.antialias)
         return self.model((x - self._mean) / self._std).double()
+
+
+class TFInceptionFeatures:
+    """2048-d pool3 features of the FID Inception (models.fid_inception): `fid_tf_inception`, the FID of papers.
+
+    weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (the 2015 TensorFlow graph ported to torch;
+    clean-fid uses the same network) from a path / fsspec URI, loaded strictly; None looks in the torch hub cache
+    ($TORCH_HOME/hub/checkpoints/, where pytorch-fid caches it); RANDOM_INIT for tests. Input handling is
+    pytorch-fid's: [0, 1] float32, bilinear resize to 299x299 (align_corners=False, no antialias), then 2x - 1.
+    """
+
+    name = "fid_tf_inception"
+    size = 299
+    dim = 2048
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        sha256: str | None = None,
+        storage_options: dict | None = None,
+    ):
+        uri = _resolve(weights, "TF Inception (fid_tf_inception, pt_inception-2015-12-05)", HUB_FILES["pt_inception"])
+        if uri == RANDOM_INIT:
+            model, self.weights_identity = fid_inception_v3(), RANDOM_INIT
+        else:
+            model = _empty(fid_inception_v3)
+            self.weights_identity = _load_into(model, uri, sha256, storage_options)
+        self.device = torch.device(device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 2048) float64 pool3 features."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        return self.model(x.to(self.device, torch.float32)).double()
+
+
+FID_NETWORKS = {"fid_tf_inception": TFInceptionFeatures, "fid_tv_inception": InceptionFeatures}
+FID_DIM = 2048
 
 
 class FIDStats:
@@ -676,8 +715,11 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """
     w1, v1 = np.linalg.eigh(s1)
     _check_psd(w1, "sigma1")
-    d = np.sqrt(np.where(w1 > w1.size * np.finfo(np.float64).eps * np.abs(w1).max(initial=0.0), w1, 0.0))
-    a = v1.T @ s2 @ v1
+    # Only S1's range contributes (zeroed eigenvalues give zero rows and columns of A): with few samples (rank k
+    # << n) A is k x k, and the two n^3 products shrink to n^2 k (2048-d, 16 images: ~3x faster).
+    keep = w1 > w1.size * np.finfo(np.float64).eps * np.abs(w1).max(initial=0.0)
+    d, vk = np.sqrt(w1[keep]), v1[:, keep]
+    a = vk.T @ s2 @ vk
     a = d[:, None] * ((a + a.T) / 2) * d[None, :]
     w = np.linalg.eigvalsh(a)
     _check_psd(w, "sigma2")  # D B D with B = V^T S2 V is PSD iff S2 is (on the range of S1)
@@ -702,6 +744,74 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
 
 
+@dataclass(frozen=True)
+class FIDReference:
+    """Reference statistics (mean, covariance) of a named image set, e.g. FFHQ, for FID without ground truth.
+
+    The file is an .npz with float arrays `mu` (D,) and `sigma` (D, D): the layout pytorch-fid's `--save-stats`
+    and clean-fid write. Files this project writes (workflows/fid_stats.py) also hold `protocol` (the FID
+    metric whose network made the features), `count` and `source`; a file without `protocol` is taken to be
+    of `fid_tf_inception` (pytorch-fid's and clean-fid's network).
+    """
+
+    name: str
+    uri: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    protocol: str = "fid_tf_inception"
+    count: int = -1  # -1: not recorded in the file
+    source: str = ""
+
+    @property
+    def describe(self) -> str:
+        n = f", {self.count} images" if self.count >= 0 else ""
+        src = f", from {self.source}" if self.source else ""
+        return f"{self.name}: {self.uri} ({self.protocol}{n}{src})"
+
+
+def load_fid_reference(name: str, uri: str, storage_options: dict | None = None) -> FIDReference:
+    """Read reference statistics (see FIDReference); FileNotFoundError / ValueError name the file."""
+    fs, path = get_fs(uri, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"FID reference statistics {name!r} not found: {uri}") from None
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        if missing:
+            raise ValueError(f"FID reference {uri} lacks {missing} (an .npz with mu and sigma is expected); "
+                             f"it has {z.files}")
+        mu, sigma = np.asarray(z["mu"], np.float64).ravel(), np.asarray(z["sigma"], np.float64)
+        protocol = str(z["protocol"]) if "protocol" in z.files else "fid_tf_inception"
+        count = int(z["count"]) if "count" in z.files else -1
+        source = str(z["source"]) if "source" in z.files else ""
+        if "weights" in z.files and str(z["weights"]).startswith(RANDOM_INIT):
+            source = f"{source} [{RANDOM_INIT} network: not a real reference]".strip()
+    if sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"FID reference {uri}: sigma {sigma.shape} does not match mu ({mu.size},)")
+    if protocol not in FID_METRICS:
+        raise ValueError(f"FID reference {uri}: protocol {protocol!r} is not among {list(FID_METRICS)}")
+    return FIDReference(name, uri, mu, sigma, protocol, count, source)
+
+
+def fid_reference_npz(stats: FIDStats, protocol: str, source: str = "", weights: str = "") -> bytes:
+    """Reference statistics as pytorch-fid / clean-fid read them (mu, sigma), plus protocol, count, source and
+    the network's weights identity."""
+    if protocol not in FID_METRICS:
+        raise ValueError(f"protocol must be one of {list(FID_METRICS)}, got {protocol!r}")
+    buf = io.BytesIO()
+    np.savez(buf, mu=stats.mean, sigma=stats.cov, protocol=np.array(protocol), count=np.array(stats.count),
+             source=np.array(source), weights=np.array(weights))
+    return buf.getvalue()
+
+
+def fid_against_reference(stats: FIDStats, ref: FIDReference) -> float:
+    """FID of a feature set against reference statistics (the set, usually the smaller sample, goes first)."""
+    if ref.mu.size != stats.dim:
+        raise ValueError(f"reference {ref.name} has dimension {ref.mu.size}, features have {stats.dim}")
+    return frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The suite an actor builds once
 # --------------------------------------------------------------------------------------------------------------
@@ -709,14 +819,18 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
 
 @dataclass
 class MetricBatch:
-    """One batch's results: values[name] is float64 (B,) in input order; fid_features[source] is (B, 2048)."""
+    """One batch's results: values[name] is float64 (B,) in input order; fid_features[metric][source] is
+    (B, 2048) for each FID network; not_applicable[name] says why a metric has no value for this batch (e.g. a
+    full-reference metric without ground truth)."""
 
     values: dict[str, np.ndarray] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
-    fid_features: dict[str, np.ndarray] = field(default_factory=dict)
+    fid_features: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 _SOURCES = ("restored", "gt")
+NO_GT = "not applicable: no ground truth (real-world input)"
 
 
 class MetricSuite:
@@ -724,7 +838,8 @@ class MetricSuite:
 
     names: a subset of METRIC_NAMES. weights: {key: path/URI | None | RANDOM_INIT} for the keys in WEIGHT_KEYS
     ("lpips_alex", "lpips_vgg": torchvision backbones, None = torch hub cache; "identity": the ArcFace
-    checkpoint for ids/deg; "fid": Inception-v3, None = torch hub cache). sha256 pins checkpoints per key.
+    checkpoint for ids/deg; "fid_tf_inception": pytorch-fid's pt_inception-2015-12-05 weights, "fid_tv_inception":
+    torchvision's Inception-v3, None = torch hub cache for both). sha256 pins checkpoints per key.
     A metric whose weights are absent is listed in `unavailable` (name -> reason) and yields no values;
     malformed checkpoints (wrong keys/shapes, digest mismatch) raise. `weights_identity` records what was loaded.
     fid_sources: which images' Inception features to return for dataset-level FID ("restored" and/or "gt").
@@ -740,11 +855,9 @@ class MetricSuite:
         sha256: Mapping[str, str | None] | None = None,
         fid_sources: Sequence[str] = _SOURCES,
         identity_crop: tuple[float, float, float, float] | None = None,
+        plugins: Mapping[str, Mapping] | None = None,
     ):
-        names = list(dict.fromkeys(names))
-        bad = [n for n in names if n not in METRIC_NAMES]
-        if bad:
-            raise ValueError(f"unknown metrics {bad}; known: {list(METRIC_NAMES)}")
+        names = check_metric_names(names, plugins)
         weights, sha256 = dict(weights or {}), dict(sha256 or {})
         bad = [k for k in list(weights) + list(sha256) if k not in WEIGHT_KEYS]
         if bad:
@@ -759,7 +872,7 @@ class MetricSuite:
         self.weights_identity: dict[str, str] = {}
         self.lpips: dict[str, LPIPSMetric] = {}
         self.identity: IdentityEmbedder | None = None
-        self.inception: InceptionFeatures | None = None
+        self.fid: dict[str, TFInceptionFeatures | InceptionFeatures] = {}
         common = dict(device=self.device, storage_options=storage_options)
 
         def build(metric_names: list[str], key: str, factory):
@@ -781,32 +894,89 @@ class MetricSuite:
         id_names = [n for n in ("ids", "deg") if n in names]
         if id_names:
             self.identity = build(id_names, "identity", lambda w, **kw: IdentityEmbedder(w, crop=identity_crop, **kw))
-        if "fid" in names:
-            self.inception = build(["fid"], "fid", lambda w, **kw: InceptionFeatures(w, **kw))
+        for name, cls in FID_NETWORKS.items():
+            if name in names:
+                m = build([name], name, lambda w, cls=cls, **kw: cls(w, **kw))
+                if m is not None:
+                    self.fid[name] = m
+        self.niqe = None
+        if "niqe" in names:
+            self.niqe = build(["niqe"], "niqe", lambda w, **kw: NIQEMetric(w, **kw))
+        self.lmd: dict[str, LandmarkDistance] = {}
+        if "lmd_mtcnn5" in names:
+            self.lmd["lmd_mtcnn5"] = LandmarkDistance("lmd_mtcnn5", MTCNNLandmarks(device=str(self.device)))
+            self.weights_identity["lmd_mtcnn5"] = self.lmd["lmd_mtcnn5"].weights_identity
+        self.no_reference: dict[str, object] = {}
+        self.plugin_info: dict[str, tuple[str, bool, str, str]] = {}
+        for name, spec in dict(plugins or {}).items():
+            if name in names:
+                self._add_plugin(name, spec, storage_options)
+
+    def _add_plugin(self, name: str, spec: Mapping, storage_options: dict | None) -> None:
+        """A plug-in metric: Class(weights, device, **kwargs) with kind "landmarks" (an LMD) or "no_reference"
+        (score(images) -> (B,) floats, `higher_better`); MetricUnavailableError from it = unavailable."""
+        from tasks.plugins import import_plugin
+
+        cls = import_plugin(str(spec["class"]), f"metrics.plugins.{name}.class", "a plug-in metric class")
+        kind = getattr(cls, "kind", None)
+        if kind not in PLUGIN_KINDS:
+            raise ValueError(f"metrics.plugins.{name}: {spec['class']} has kind {kind!r}; expected one of "
+                             f"{list(PLUGIN_KINDS)}")
+        try:
+            plugin = cls(spec.get("weights"), str(self.device), **dict(spec.get("kwargs") or {}))
+        except MetricUnavailableError as e:
+            self.unavailable[name] = str(e)
+            return
+        ident = str(getattr(plugin, "weights_identity", "") or spec.get("weights") or spec["class"])
+        self.weights_identity[name] = ident
+        protocol = str(getattr(plugin, "protocol", "") or f"plug-in {spec['class']}")
+        if kind == "landmarks":
+            self.lmd[name] = LandmarkDistance(name, plugin, ident)
+            self.plugin_info[name] = (name, False, "{:.3f}", f"landmark distance (px), {protocol}")
+        else:
+            self.no_reference[name] = plugin
+            self.plugin_info[name] = (name, bool(getattr(plugin, "higher_better", True)), "{:.4f}", protocol)
+
+    @property
+    def full_reference(self) -> set[str]:
+        """Metrics that need the ground truth: the built-in ones and plug-in landmark distances."""
+        return set(FULL_REFERENCE) | set(self.lmd)
 
     @property
     def available(self) -> list[str]:
         return [n for n in self.names if n not in self.unavailable]
 
-    def __call__(self, restored, gt) -> MetricBatch:
+    def __call__(self, restored, gt=None, *, input=None) -> MetricBatch:
         """restored, gt: uint8 RGB (B, H, W, 3) numpy arrays or tensors, or sequences of (H, W, 3) uint8 arrays
         (sizes may differ between pairs: pairs of equal size are batched together). Values come back in input
-        order; "fid" has no per-image value: its features are in `fid_features`.
+        order; FID metrics have no per-image value: their features are in `fid_features`.
+
+        gt=None (real-world input): the full-reference metrics are not applicable (NaN, reason in
+        `not_applicable`); identity (ids/deg) then compares the output with `input` (the face given to the
+        method, same size) when it is passed.
         """
-        groups, n = _group_pairs(restored, gt)
+        target = gt if gt is not None else input
+        groups, n = _group_pairs(restored, target if target is not None else restored)
         out = MetricBatch(unavailable=dict(self.unavailable))
-        per_image = [m for m in self.available if m != "fid"]
-        vals = {m: np.empty(n, dtype=np.float64) for m in per_image}
-        feats = {s: np.empty((n, InceptionFeatures.dim)) for s in self.fid_sources} if self.inception else {}
+        per_image = [m for m in self.available if m not in FID_NETWORKS]
+        if gt is None:
+            full = self.full_reference
+            skip = [m for m in per_image if m in full or (target is None and m in ("ids", "deg"))]
+            out.not_applicable = {m: NO_GT if m in full else "not applicable: no ground truth or input"
+                                  for m in skip}
+        vals = {m: np.full(n, np.nan, dtype=np.float64) for m in per_image}
+        sources = [s for s in self.fid_sources if s == "restored" or gt is not None]
+        feats = {name: {s: np.empty((n, FID_DIM)) for s in sources} for name in self.fid}
         groups = [grp for grp in groups if len(grp[0])]  # an empty batch yields empty arrays
+        todo = [m for m in per_image if m not in out.not_applicable]
         for idx, r8, g8 in groups:
             r8, g8 = r8.to(self.device), g8.to(self.device)
-            for m, v in self._compute(r8, g8, per_image).items():
+            for m, v in self._compute(r8, g8, todo).items():
                 vals[m][idx] = v
-            if self.inception is not None:
+            for name, net in self.fid.items():
                 for s, t in zip(_SOURCES, (r8, g8)):
-                    if s in feats:
-                        feats[s][idx] = self.inception(_unit(t, torch.float32)).cpu().numpy()
+                    if s in feats[name]:
+                        feats[name][s][idx] = net(_unit(t, torch.float32)).cpu().numpy()
         out.values = vals
         out.fid_features = feats
         return out
@@ -825,7 +995,51 @@ class MetricSuite:
         if self.identity is not None and ("ids" in names or "deg" in names):
             cos, deg = self.identity.compare(r32, g32)
             res.update({k: v for k, v in (("ids", cos), ("deg", deg)) if k in names})
-        return {k: v.detach().double().cpu().numpy() for k, v in res.items()}
+        out = {k: v.detach().double().cpu().numpy() for k, v in res.items()}
+        host = [m for m in names if m in self.lmd or m in self.no_reference or m == "niqe"]
+        if host:  # landmark detectors and NR metrics take RGB uint8 (H, W, 3) arrays
+            r_np = list(r8.permute(0, 2, 3, 1).cpu().numpy())
+            g_np = list(g8.permute(0, 2, 3, 1).cpu().numpy())
+            for m in host:
+                if m in self.lmd:
+                    out[m] = self.lmd[m].compare(r_np, g_np)
+                elif m == "niqe":
+                    out[m] = self.niqe(r_np)
+                else:
+                    out[m] = _plugin_scores(m, self.no_reference[m], r_np)
+        return out
+
+
+def _plugin_scores(name: str, plugin, images: list[np.ndarray]) -> np.ndarray:
+    v = np.asarray(plugin.score(images), dtype=np.float64).reshape(-1)
+    if v.shape != (len(images),):
+        raise ValueError(f"metric plug-in {name} returned {v.shape[0]} scores for {len(images)} images")
+    return v
+
+
+class NIQEMetric:
+    """NIQE (tasks.niqe) with pristine parameters from a path / URI (BasicSR niqe_pris_params.npz layout)."""
+
+    name = "niqe"
+
+    def __init__(self, weights: str | None, *, device=None, sha256: str | None = None,
+                 storage_options: dict | None = None):
+        from tasks.niqe import load_niqe_params
+
+        if not weights or weights == RANDOM_INIT:
+            raise MetricUnavailableError(
+                "no NIQE pristine parameters configured (metrics.weights.niqe: BasicSR's niqe_pris_params.npz holds "
+                "the published ones, or fit some with workflows/niqe_params.py)")
+        try:
+            self.params = load_niqe_params(weights, storage_options)
+        except FileNotFoundError as e:
+            raise MetricUnavailableError(str(e)) from None
+        self.weights_identity = f"niqe-params:{os.path.basename(weights.rstrip('/'))}"
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from tasks.niqe import niqe_batch
+
+        return niqe_batch(images, self.params)
 
 
 def _unit(x8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,7 +45,8 @@ from tasks.images import decode_image, encode_png
 from tasks.storage import get_fs, join_under, redact, write_bytes
 
 __all__ = [
-    "METRICS", "aggregate", "choose_grid_samples", "grid_header_height", "level_order", "method_order", "write_report",
+    "METRICS", "PROTOCOLS", "aggregate", "choose_grid_samples", "fid_columns", "grid_header_height", "level_order",
+    "method_order", "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,25 +61,61 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "lpips_vgg": ("LPIPS VGG", False, "{:.4f}"),
     "ids": ("IDS (identity cos)", True, "{:.4f}"),
     "deg": ("Deg (identity angle)", False, "{:.2f}"),
+    "lmd_mtcnn5": ("LMD MTCNN-5 (px)", False, "{:.3f}"),
+    "niqe": ("NIQE", False, "{:.3f}"),
 }
+# name -> (protocol, what it is compared with: "gt" = the ground truth, "input" = the method's input, "none")
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "psnr_rgb": ("10 log10(1 / MSE), RGB in [0, 1], float64 (skimage)", "gt"),
+    "psnr_y": ("PSNR on BT.601 Y in [16, 235] / 255 (BasicSR / pyiqa `psnr` test_y_channel)", "gt"),
+    "ssim_rgb": ("SSIM, 11x11 Gaussian sigma 1.5, valid window, mean of R, G, B (pyiqa `ssimc`)", "gt"),
+    "ssim_y": ("SSIM on BT.601 Y (BasicSR / pyiqa `ssim`)", "gt"),
+    "lpips_alex": ("LPIPS v0.1, AlexNet trunk, inputs in [-1, 1] (lpips package)", "gt"),
+    "lpips_vgg": ("LPIPS v0.1, VGG16 trunk, inputs in [-1, 1] (lpips package)", "gt"),
+    "ids": ("ArcFace IResNet-50 embedding cosine, 112x112 (insightface arcface_torch)", "gt|input"),
+    "deg": ("ArcFace IResNet-50 embedding angle in degrees", "gt|input"),
+    "lmd_mtcnn5": ("mean distance of the 5 MTCNN landmarks, px at the GT size", "gt"),
+    "niqe": ("NIQE (Mittal et al. 2013): MSCN, AGGD/GGD features at 2 scales, 96 px patches, pristine MVG", "none"),
+    "fid_tf_inception": ("FID, pytorch-fid TF Inception (pt_inception-2015-12-05) pool3, bilinear 299, "
+                         "the FID of papers", "set"),
+    "fid_tv_inception": ("FID, torchvision ImageNet Inception-v3 pool3, bilinear 299: comparable only with itself",
+                         "set"),
+}
+FID_LABELS = {"fid_tf_inception": "FID TF-Inception", "fid_tv_inception": "FID torchvision-Inception"}
 ALL_LEVEL = "all"
 _BASELINES = ("input", "bicubic")  # listed first and drawn dashed
 _NO_VALUE = "–"
 _HTML_INLINE_BUDGET = 4_000_000  # bytes of base64 images inlined in report.html; beyond it, links only
 
 
+# Metrics a run adds (plug-in no-reference metrics): name -> (label, higher is better, format, protocol); set by
+# write_report for the duration of one call.
+_EXTRA: ContextVar[dict[str, tuple[str, bool, str, str]] | None] = ContextVar("report_extra_metrics", default=None)
+
+
+def _known() -> dict[str, tuple[str, bool, str]]:
+    return METRICS | {k: v[:3] for k, v in (_EXTRA.get() or {}).items()}
+
+
+def _protocol(metric: str) -> tuple[str, str]:
+    extra = _EXTRA.get() or {}
+    return (extra[metric][3], "none") if metric in extra else PROTOCOLS.get(metric, ("", ""))
+
+
 def _arrow(metric: str) -> str:
-    return "↑" if METRICS[metric][1] else "↓"
+    return "↑" if _known()[metric][1] else "↓"
 
 
 def _label(metric: str) -> str:
-    return f"{METRICS[metric][0]} {_arrow(metric)}" if metric in METRICS else metric
+    if metric in FID_LABELS:
+        return f"{FID_LABELS[metric]} ↓"
+    return f"{_known()[metric][0]} {_arrow(metric)}" if metric in _known() else metric
 
 
 def _fmt(metric: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return _NO_VALUE
-    spec = METRICS[metric][2] if metric in METRICS else "{:.4g}"
+    spec = _known()[metric][2] if metric in _known() else "{:.4g}"
     return spec.format(float(value))
 
 
@@ -101,7 +139,7 @@ def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     d["deg_level"] = d["deg_level"].where(d["deg_level"].notna(), "unknown").astype(str)
     if "deg_scale" in d.columns:
         d["deg_scale"] = pd.to_numeric(d["deg_scale"], errors="coerce")
-    for m in METRICS:
+    for m in _known():
         if m in d.columns:
             d[m] = pd.to_numeric(d[m], errors="coerce").astype(float)
     return d.sort_values(["id", "method"], kind="mergesort").reset_index(drop=True)
@@ -129,7 +167,7 @@ def level_order(df: pd.DataFrame) -> list[str]:
 
 
 def _metrics_in(df: pd.DataFrame) -> list[str]:
-    return [m for m in METRICS if m in df.columns]
+    return [m for m in _known() if m in df.columns]
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
@@ -269,7 +307,7 @@ def _metric_table(agg: pd.DataFrame, level: str, methods: list[str], metrics: li
     for m in metrics:
         vals = [float(part.loc[x, m]) for x in present]
         texts = [_fmt(m, v) for v in vals]
-        bold = _bold_best(vals, texts, METRICS[m][1])
+        bold = _bold_best(vals, texts, _known()[m][1])
         cells = []
         for x, v, t, b in zip(present, vals, texts, bold):
             n_m, n_ok = int(part.loc[x, f"{m}_n"]), int(part.loc[x, "n_ok"])
@@ -297,34 +335,78 @@ def _flatten(meta: Mapping, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def fid_columns(fid: Mapping) -> dict[str, dict]:
+    """{"<metric>@<reference>": {method: value}}; a flat {method: value} (one FID against the ground truth, the
+    old form) is read as {"fid@gt": ...}."""
+    if fid and not all(isinstance(v, Mapping) for v in fid.values()):
+        return {"fid@gt": dict(fid)}
+    return {str(k): dict(v) for k, v in fid.items()}
+
+
+def _fid_cell(v) -> tuple[float, str]:
+    if isinstance(v, str):
+        return float("nan"), v
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return float("nan"), _NO_VALUE
+    return float(v), f"{float(v):.2f}"
+
+
+def _fid_header(key: str) -> str:
+    metric, _, ref = key.partition("@")
+    return f"{FID_LABELS.get(metric, 'FID')} ↓ vs {ref or 'gt'}"
+
+
 def _fid_table(fid: Mapping, methods: list[str]) -> Table:
-    names = [m for m in methods if m in fid] + sorted(str(m) for m in fid if m not in methods)
-    vals, texts = [], []
-    for name in names:
-        v = fid[name]
-        if isinstance(v, str):
-            vals.append(float("nan"))
-            texts.append(v)
-        elif v is None or (isinstance(v, float) and math.isnan(v)):
-            vals.append(float("nan"))
-            texts.append(_NO_VALUE)
-        else:
-            vals.append(float(v))
-            texts.append(f"{float(v):.2f}")
-    bold = _bold_best(vals, [t if not math.isnan(v) else "nan" for v, t in zip(vals, texts)], higher=False)
-    rows = [[Cell(n), Cell(t, bold=b, num=not math.isnan(v))] for n, v, t, b in zip(names, vals, texts, bold)]
-    return Table(["method", "FID ↓"], rows)
+    cols = fid_columns(fid)
+    keys = sorted(cols)
+    seen = {m for per in cols.values() for m in per}
+    names = [m for m in methods if m in seen] + sorted(str(m) for m in seen if m not in methods)
+    grid = []
+    for key in keys:
+        vals, texts = zip(*[_fid_cell(cols[key].get(n)) for n in names]) if names else ((), ())
+        bold = _bold_best(list(vals), [t if not math.isnan(v) else "nan" for v, t in zip(vals, texts)], higher=False)
+        grid.append([Cell(t, bold=b, num=not math.isnan(v)) for v, t, b in zip(vals, texts, bold)])
+    rows = [[Cell(n)] + [col[i] for col in grid] for i, n in enumerate(names)]
+    return Table(["method"] + [_fid_header(k) for k in keys], rows)
+
+
+def _reference_text(ref: str, mode: str, references: Mapping) -> str:
+    if ref == "gt":
+        return "ground truth"
+    if ref == "gt|input":
+        return "the method's input (no ground truth)" if mode == "real-world" else "ground truth"
+    if ref == "none":
+        return "none (no-reference: the output alone)"
+    if ref == "set":
+        return "image sets: " + ("; ".join(f"{k} = {v}" for k, v in references.items()) or "ground truth")
+    return ref
+
+
+def _protocol_table(metrics: list[str], mode: str, references: Mapping) -> Table:
+    rows = []
+    for m in metrics:
+        protocol, ref = _protocol(m)
+        better = "lower" if m in FID_LABELS or not _known().get(m, ("", False))[1] else "higher"
+        rows.append([Cell(_label(m)), Cell(m), Cell(f"{better} is better"), Cell(protocol),
+                     Cell(_reference_text(ref, mode, references))])
+    return Table(["metric", "name", "direction", "protocol", "compared with"], rows)
 
 
 def _build(d: pd.DataFrame, agg: pd.DataFrame, *, fid, unavailable, meta, plots: list[Image],
-           grids: list[tuple[Image, str]]) -> tuple[str, list[Block]]:
+           grids: list[tuple[Image, str]], references: Mapping | None = None,
+           not_applicable: Mapping | None = None) -> tuple[str, list[Block]]:
     methods, levels = method_order(d), level_order(d)
     all_metrics = _metrics_in(d)
     unavailable = {str(k): str(v) for k, v in (unavailable or {}).items()}
     for m in all_metrics:  # a column with no value at all is unavailable too, whatever the caller said
         if m not in unavailable and d[m].isna().all():
             unavailable[m] = "no values in the manifest (every row is NaN)"
-    metrics = [m for m in all_metrics if m not in unavailable]
+    not_applicable = {str(k): str(v) for k, v in (not_applicable or {}).items()}
+    for m in not_applicable:
+        unavailable.pop(m, None)
+    metrics = [m for m in all_metrics if m not in unavailable and m not in not_applicable]
+    references = {str(k): str(v) for k, v in (references or {}).items()}
+    mode = str((meta or {}).get("mode", "synthetic"))
     title = str((meta or {}).get("title") or "Face restoration benchmark")
     n_ids, n_err = d["id"].nunique(), int((d["status"] != "ok").sum())
     blocks: list[Block] = []
@@ -342,19 +424,29 @@ def _build(d: pd.DataFrame, agg: pd.DataFrame, *, fid, unavailable, meta, plots:
     else:
         add(Block("p", "No metric has any value."))
 
+    fids = sorted({k.partition("@")[0] for k in fid_columns(fid)})
+    add(Block("h2", "Metric protocols"))
+    add(Block("table", _protocol_table(metrics + [m for m in fids if m in FID_LABELS], mode, references)))
+
     add(Block("h2", "FID"))
     if fid:
         add(Block("table", _fid_table(fid, methods)))
+        used = sorted({k.partition("@")[2] or "gt" for k in fid_columns(fid)})
+        add(Block("list", [f"vs {r}: {references.get(r, 'ground truth of this run' if r == 'gt' else r)}"
+                           for r in used]))
     else:
         add(Block("p", "No FID was computed."))
 
     add(Block("h2", "Unavailable metrics"))
     if unavailable:
-        items = [f"{_label(m)}: {reason}" if m in METRICS else f"{m}: {reason}"
-                 for m, reason in sorted(unavailable.items(), key=lambda kv: (kv[0] not in METRICS, kv[0]))]
+        items = [f"{_label(m)}: {reason}" for m, reason in sorted(unavailable.items(),
+                                                                 key=lambda kv: (kv[0] not in _known(), kv[0]))]
         add(Block("list", items))
     else:
         add(Block("p", "None: every metric was computed."))
+    if not_applicable:
+        add(Block("h2", "Not applicable"))
+        add(Block("list", [f"{_label(m)}: {why}" for m, why in sorted(not_applicable.items())]))
 
     if plots:
         add(Block("h2", "Metrics by degradation level"))
@@ -553,7 +645,7 @@ def _plot_metric(d: pd.DataFrame, agg: pd.DataFrame, metric: str, methods: list[
     counts = d.groupby("deg_level")["id"].nunique()
     ax.set_xticks(x, [f"{lv}\n(n={int(counts.get(lv, 0))})" for lv in levels])
     ax.set_xlim(-0.35, len(levels) - 0.65)
-    label, higher, _ = METRICS[metric]
+    label, higher, _ = _known()[metric]
     ax.set_xlabel("degradation level (by scale factor, mildest first)")
     ax.set_ylabel(f"{label} {_arrow(metric)}")
     ax.set_title(f"{label}: {'higher' if higher else 'lower'} is better {_arrow(metric)}", fontsize=12)
@@ -692,7 +784,7 @@ def _score_text(row: pd.Series, metrics: list[str]) -> str:
     for m in metrics:
         v = row.get(m, np.nan)
         if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            parts.append(f"{METRICS[m][0].split(' (')[0]} {_fmt(m, v)}")
+            parts.append(f"{_known()[m][0].split(' (')[0]} {_fmt(m, v)}")
     return " · ".join(parts)
 
 
@@ -778,24 +870,41 @@ def _build_grids(d: pd.DataFrame, ids: list[str], methods: list[str], metrics: l
 
 def write_report(df: pd.DataFrame, output: str, *, fid: Mapping | None = None, unavailable: Mapping | None = None,
                  meta: Mapping | None = None, grid_samples: int = 6, storage_options: dict | None = None,
-                 tile: int = 256) -> dict[str, str]:
+                 tile: int = 256, references: Mapping | None = None, not_applicable: Mapping | None = None,
+                 extra_metrics: Mapping | None = None) -> dict[str, str]:
     """Write report.md, report.html, aggregate.csv, plots/*.png and grids/*.png under `<output>/report/`.
 
+    fid: {"<metric>@<reference>": {method: value or "unavailable: ..."}} (a flat {method: value} is one FID vs
+    the ground truth); references: {reference name: description} ("gt" = this run's ground truth);
+    not_applicable: {metric: why} (e.g. full-reference metrics of a real-world run); extra_metrics: metrics
+    beyond METRICS (plug-ins) as {name: (label, higher is better, number format, protocol)}.
     Returns {path relative to report/: URI written}. Image URIs in the manifest are read with the same
     storage_options; an unreadable image becomes a grey tile saying so.
     """
+    token = _EXTRA.set({str(k): tuple(v) for k, v in (extra_metrics or {}).items()})
+    try:
+        return _write_report(df, output, fid=fid, unavailable=unavailable, meta=meta, grid_samples=grid_samples,
+                             storage_options=storage_options, tile=tile, references=references,
+                             not_applicable=not_applicable)
+    finally:
+        _EXTRA.reset(token)
+
+
+def _write_report(df, output, *, fid, unavailable, meta, grid_samples, storage_options, tile, references,
+                  not_applicable) -> dict[str, str]:
     d = _prepare(df)
     agg = aggregate(d)
     methods, levels = method_order(d), level_order(d)
     unavailable = dict(unavailable or {})
-    metrics = [m for m in _metrics_in(d) if m not in unavailable and d[m].notna().any()]
+    metrics = [m for m in _metrics_in(d) if m not in unavailable and m not in (not_applicable or {})
+               and d[m].notna().any()]
 
     files: dict[str, bytes] = {}
     plots = []
     for m in metrics:
         rel = f"plots/{m}.png"
         files[rel] = _plot_metric(d, agg, m, methods, levels)
-        plots.append(Image(rel, f"{METRICS[m][0]} by degradation level", data=files[rel]))
+        plots.append(Image(rel, f"{_known()[m][0]} by degradation level", data=files[rel]))
 
     grids = []
     ids = choose_grid_samples(d, grid_samples)
@@ -808,7 +917,7 @@ def write_report(df: pd.DataFrame, output: str, *, fid: Mapping | None = None, u
                             data=preview, mime="image/jpeg" if ok else "image/png"), heading))
 
     title, blocks = _build(d, agg, fid=fid or {}, unavailable=unavailable, meta=meta or {}, plots=plots,
-                           grids=grids)
+                           grids=grids, references=references, not_applicable=not_applicable)
     files["report.md"] = render_markdown(title, blocks).encode("utf-8")
     files["report.html"] = render_html(title, blocks).encode("utf-8")
     files["aggregate.csv"] = agg.to_csv(index=False, float_format="%.6g").encode("utf-8")

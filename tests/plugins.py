@@ -88,3 +88,57 @@ class DiscParser(torch.nn.Module):
         logits[:, self.labels.index("skin")] = skin.float()
         logits[:, self.labels.index("hair")] = (~skin).float()
         return (logits,)
+
+
+class DotLandmarks:
+    """A landmark-detector plug-in (the shape of a FAN-68 wrapper): the brightest pixel of each of the image's
+    four quadrants, (x, y). A weights file is required and holds a sub-pixel offset added to every point."""
+
+    kind = "landmarks"
+    protocol = "test dots, 4 points"
+
+    def __init__(self, weights, device):
+        import json
+        from pathlib import Path
+
+        self.offset = float(json.loads(Path(weights).read_text())["offset"])
+        self.weights_identity = f"dots:{Path(weights).name}"
+
+    def landmarks(self, images):
+        import numpy as np
+
+        out = []
+        for img in images:
+            g = img.astype(np.int64).sum(axis=2)
+            h, w = g.shape
+            pts = []
+            for y0, x0 in ((0, 0), (0, w // 2), (h // 2, 0), (h // 2, w // 2)):
+                q = g[y0 : y0 + h // 2, x0 : x0 + w // 2]
+                y, x = np.unravel_index(int(q.argmax()), q.shape)
+                pts.append((x0 + x + self.offset, y0 + y + self.offset))
+            out.append(None if g.max() == 0 else np.array(pts))
+        return out
+
+
+class MeanLevelIQA:
+    """A no-reference metric plug-in (the shape of a pyiqa wrapper): the mean pixel level times a scale read
+    from its weights file; unavailable (with the reason) without one."""
+
+    kind = "no_reference"
+    higher_better = True
+    protocol = "test: mean level x scale"
+
+    def __init__(self, weights, device, scale_key: str = "scale"):
+        import json
+        from pathlib import Path
+
+        from tasks.metrics import MetricUnavailableError
+
+        if not weights:
+            raise MetricUnavailableError("mean-level IQA: no weights configured")
+        self.scale = float(json.loads(Path(weights).read_text())[scale_key])
+
+    def score(self, images):
+        import numpy as np
+
+        return [float(np.mean(im)) / 255 * self.scale for im in images]

@@ -466,9 +466,12 @@ def test_suite_all_metrics(tmp_path, monkeypatch, arcface_checkpoint, inception_
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache: lpips_vgg is unavailable
     suite = M.MetricSuite(
         list(M.METRIC_NAMES), "cpu",
-        weights={"lpips_alex": RANDOM_INIT, "identity": str(arcface_checkpoint[1]), "fid": str(inception_state[1])},
+        weights={"lpips_alex": RANDOM_INIT, "identity": str(arcface_checkpoint[1]),
+                 "fid_tv_inception": str(inception_state[1])},
     )
-    assert set(suite.unavailable) == {"lpips_vgg"}
+    # empty hub cache, nothing configured: unavailable, with the reason
+    assert set(suite.unavailable) == {"lpips_vgg", "fid_tf_inception", "niqe"}
+    assert "pt_inception-2015-12-05" in suite.unavailable["fid_tf_inception"]
     assert "vgg16-397923af.pth" in suite.unavailable["lpips_vgg"]
     assert suite.weights_identity["ids"].endswith("backbone.pth")
     assert suite.weights_identity["lpips_alex"] == RANDOM_INIT
@@ -476,23 +479,26 @@ def test_suite_all_metrics(tmp_path, monkeypatch, arcface_checkpoint, inception_
     r8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     g8 = (y * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = suite(r8, g8)
-    assert set(out.values) == {"psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "ids", "deg"}
-    assert out.unavailable == {"lpips_vgg": suite.unavailable["lpips_vgg"]}
-    for v in out.values.values():
-        assert v.shape == (2,) and v.dtype == np.float64 and np.isfinite(v).all()
+    assert set(out.values) == {"psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips_alex", "ids", "deg", "lmd_mtcnn5"}
+    assert out.unavailable == suite.unavailable
+    for name, v in out.values.items():
+        assert v.shape == (2,) and v.dtype == np.float64
+        assert np.isfinite(v).all() or name == "lmd_mtcnn5"  # (no face found on a noisy 64 px crop: NaN)
     np.testing.assert_allclose(out.values["psnr_rgb"], M.psnr(_t(r8), _t(g8)).numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(out.values["ssim_y"], M.ssim(_t(r8), _t(g8), y_channel=True).numpy(), atol=1e-12)
     lp = suite.lpips["lpips_alex"](_t(r8, torch.float32), _t(g8, torch.float32)).numpy()
     np.testing.assert_allclose(out.values["lpips_alex"], lp, rtol=1e-6)
     np.testing.assert_allclose(np.rad2deg(np.arccos(out.values["ids"])), out.values["deg"], atol=1e-6)
-    assert set(out.fid_features) == {"restored", "gt"} and out.fid_features["gt"].shape == (2, 2048)
-    np.testing.assert_allclose(out.fid_features["gt"][0], out.fid_features["gt"][1], rtol=1e-5)  # same gt image
+    tv = out.fid_features["fid_tv_inception"]
+    assert set(out.fid_features) == {"fid_tv_inception"} and set(tv) == {"restored", "gt"}
+    assert tv["gt"].shape == (2, 2048)
+    np.testing.assert_allclose(tv["gt"], suite.fid["fid_tv_inception"](_t(g8, torch.float32)).numpy(), rtol=1e-4)
 
 
 def test_suite_unavailable_and_ragged_batches(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    suite = M.MetricSuite(["psnr_y", "ssim_rgb", "ids", "deg", "fid"], weights={"identity": None})
-    assert set(suite.unavailable) == {"ids", "deg", "fid"} and suite.available == ["psnr_y", "ssim_rgb"]
+    suite = M.MetricSuite(["psnr_y", "ssim_rgb", "ids", "deg", "fid_tv_inception"], weights={"identity": None})
+    assert set(suite.unavailable) == {"ids", "deg", "fid_tv_inception"} and suite.available == ["psnr_y", "ssim_rgb"]
     rng = np.random.default_rng(6)
     shapes = [(20, 24, 3), (32, 32, 3), (20, 24, 3)]
     gts = [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
@@ -507,9 +513,13 @@ def test_suite_unavailable_and_ragged_batches(tmp_path, monkeypatch):
     np.testing.assert_array_equal(batch.values["ssim_rgb"], out.values["ssim_rgb"][[0, 2]])
     as_torch = suite(torch.from_numpy(np.stack([res[0], res[2]])), torch.from_numpy(np.stack([gts[0], gts[2]])))
     np.testing.assert_array_equal(as_torch.values["psnr_y"], out.values["psnr_y"][[0, 2]])  # ... or torch uint8
+    real_world = suite(res, None)  # no ground truth: full-reference metrics are not applicable, no number
+    assert set(real_world.not_applicable) == {"psnr_y", "ssim_rgb"} and "no ground truth" in real_world.not_applicable[
+        "psnr_y"]
+    assert np.isnan(real_world.values["psnr_y"]).all() and real_world.values["psnr_y"].shape == (3,)
     empty = suite(np.zeros((0, 16, 16, 3), np.uint8), np.zeros((0, 16, 16, 3), np.uint8))
     assert empty.values["psnr_y"].shape == (0,)
-    with pytest.raises(ValueError, match="unknown metrics"):
+    with pytest.raises(ValueError, match="unknown"):
         M.MetricSuite(["psnr"])
     with pytest.raises(ValueError, match="unknown weights keys"):
         M.MetricSuite(["ids"], weights={"arcface": "x.pth"})
@@ -532,3 +542,14 @@ def test_bench_metrics_smoke(tmp_path, capsys):
     assert all(r["batched_ips"] > 0 and r["loop_ips"] > 0 and r["skimage_ips"] > 0 for r in result["rows"])
     assert "batched/loop" in capsys.readouterr().out
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["size"] == 24
+
+
+def test_bench_metrics_suite_smoke(capsys):
+    from bench import bench_metrics as bench
+
+    result = bench.main(["--suite", "psnr_y", "--new", "niqe,lmd_mtcnn5", "--sizes", "96", "--batch", "2",
+                         "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    (row,) = result["rows"]
+    assert row["base"] == "psnr_y" and row["new"] == "niqe,lmd_mtcnn5"
+    assert row["base_ips"] > row["with_new_ips"] > 0 and row["slowdown"] > 1
+    assert "img/s" in capsys.readouterr().out

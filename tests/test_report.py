@@ -18,7 +18,10 @@ from tasks.report import aggregate, choose_grid_samples, grid_header_height, wri
 METHODS = ["bicubic", "dr2[N=4,tau=22]", "dr2+sparnethd"]
 SCALES = [1.5, 1.8, 2.5, 3.0, 3.5, 5.0, 6.0, 7.0, 10.0, 12.0, 18.0, 24.0]  # 12 ids over 5 levels
 UNAVAILABLE = {"lpips_vgg": "weights not found: vgg.pth missing from the cache"}
-FID = {"bicubic": 81.234, "dr2[N=4,tau=22]": 45.678, "dr2+sparnethd": "unavailable: too few samples (12 < 2048)"}
+FID = {"fid_tf_inception@gt": {"bicubic": 81.234, "dr2[N=4,tau=22]": 45.678,
+                               "dr2+sparnethd": "unavailable: too few samples (12 < 2048)"},
+       "fid_tf_inception@ffhq": {"bicubic": 90.5, "dr2[N=4,tau=22]": 60.25, "dr2+sparnethd": 55.125}}
+REFERENCES = {"gt": "ground truth of this run", "ffhq": "ffhq: s3://stats/ffhq512.npz (fid_tf_inception, 70000 images)"}
 META = {"title": "Synthetic benchmark", "code_version": "abc1234", "counts": {"samples": 12, "methods": 3},
         "weights": {"dr2": "sha256:0123abcd"}, "storage_options": {"secret": "hunter2"}}
 
@@ -115,7 +118,8 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     df = synthetic_manifest(tmp / "images")
     out = tmp / "run"
-    written = write_report(df, str(out), fid=FID, unavailable=UNAVAILABLE, meta=META, grid_samples=6)
+    written = write_report(df, str(out), fid=FID, unavailable=UNAVAILABLE, meta=META, grid_samples=6,
+                           references=REFERENCES)
     return df, out / "report", written
 
 
@@ -196,10 +200,27 @@ def test_fid_strings_shown_as_text(report):
     _, root, _ = report
     md = (root / "report.md").read_text()
     header, rows = _md_table(md, "FID")
-    assert header == ["method", "FID ↓"]
-    assert rows["dr2+sparnethd"][1] == "unavailable: too few samples (12 < 2048)"
-    assert rows["dr2[N=4,tau=22]"][1] == "**45.68**" and rows["bicubic"][1] == "81.23"
+    assert header == ["method", "FID TF-Inception ↓ vs ffhq", "FID TF-Inception ↓ vs gt"]  # network and reference
+    assert rows["dr2+sparnethd"][2] == "unavailable: too few samples (12 < 2048)"
+    assert rows["dr2[N=4,tau=22]"][2] == "**45.68**" and rows["bicubic"][2] == "81.23"
+    assert rows["dr2+sparnethd"][1] == "**55.12**" and rows["bicubic"][1] == "90.50"  # each column its own best
     assert "unavailable: too few samples (12 &lt; 2048)" in (root / "report.html").read_text()
+    # which reference each FID used is spelled out under the table
+    assert "vs ffhq: ffhq: s3://stats/ffhq512.npz (fid\\_tf\\_inception, 70000 images)" in md
+    assert "vs gt: ground truth of this run" in md
+
+
+def test_protocol_table_names_protocol_direction_reference(report):
+    md = (report[1] / "report.md").read_text()
+    header, rows = _md_table(md, "Metric protocols")
+    assert header == ["metric", "name", "direction", "protocol", "compared with"]
+    by_name = {r[1].replace("\\", ""): r for r in rows.values()}
+    assert by_name["psnr_y"][2] == "higher is better" and "BT.601 Y" in by_name["psnr_y"][3]
+    assert by_name["psnr_y"][4] == "ground truth"
+    assert by_name["lpips_alex"][2] == "lower is better" and "AlexNet" in by_name["lpips_alex"][3]
+    tf = by_name["fid_tf_inception"]
+    assert tf[2] == "lower is better" and "pt\\_inception-2015-12-05" in tf[3] and "ffhq = ffhq: s3://" in tf[4]
+    assert "lpips_vgg" not in by_name  # unavailable: listed there, not here
 
 
 def test_html_parses_and_references_existing_files(report):
@@ -240,7 +261,8 @@ def test_grid_size_and_sample_choice(report):
 def test_deterministic_and_small_tiles(report, tmp_path):
     df, root, _ = report
     shuffled = df.sample(frac=1.0, random_state=7)
-    written = write_report(shuffled, str(tmp_path), fid=FID, unavailable=UNAVAILABLE, meta=META, grid_samples=6)
+    written = write_report(shuffled, str(tmp_path), fid=FID, unavailable=UNAVAILABLE, meta=META, grid_samples=6,
+                           references=REFERENCES)
     for rel in written:
         assert (tmp_path / "report" / rel).read_bytes() == (root / rel).read_bytes(), rel
     w2 = write_report(df, str(tmp_path / "small"), fid={}, unavailable={}, meta={}, grid_samples=2, tile=64)

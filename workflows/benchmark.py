@@ -4,6 +4,12 @@
         --dr2.weights s3://models/DR2_FFHQ.pkl --enhancer.weights s3://models/SPARNetHD_FFHQ_DR2aug.pth \\
         --degradation.preset difface-celeba-test
 
+Real-world sets (no ground truth: WIDER-Test, WebPhoto-Test, an archive), scored with no-reference metrics,
+FID against reference statistics (workflows/fid_stats.py) and identity between input and output:
+
+    python workflows/benchmark.py --mode real-world --input s3://wider-test/ --output s3://bench/wider/ \\
+        --metrics.names '[niqe, ids, deg, fid_tf_inception]' --metrics.fid-reference '{ffhq: s3://stats/ffhq512.npz}'
+
 Stages: list -> read+decode (CPU) -> degrade + write gt/lq (CPU) -> every method + metrics (GPU actors)
 -> write restored images (CPU) -> Inception features + manifest shard (CPU). The manifest has one row
 per (sample, method); at the end FID is computed from the committed feature shards, and a report
@@ -25,12 +31,15 @@ import pyarrow as pa
 
 from tasks.benchmark_stage import (
     DEG_COLUMNS,
+    AsObserved,
     BenchmarkManifestWriter,
     BenchmarkStage,
     DegradationConfig,
     Degrade,
     MetricsConfig,
     fid_scores,
+    load_references,
+    plugin_report_info,
 )
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, RuntimeConfig, check_dr2_params
@@ -44,7 +53,7 @@ from tasks.dynamic_stage import (
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
-from tasks.metrics import METRIC_NAMES
+from tasks.metrics import FID_METRICS, FULL_REFERENCE, METRIC_NAMES, NO_GT
 from tasks.pipeline import (
     ClusterConfig,
     DriverRefusal,
@@ -70,13 +79,18 @@ from tasks.write_stage import WriteImages
 
 log = logging.getLogger("benchmark")
 
+MODES = ("synthetic", "real-world")
 DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg_quality": pa.int64(),
              "deg_level": pa.string()}
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    input: str = opt("data/samples", "HQ aligned faces (the ground truth): folder/prefix, glob or URI list")
+    input: str = opt("data/samples", "aligned faces: the ground truth (mode synthetic) or the degraded faces to "
+                                     "restore (mode real-world); folder/prefix, glob or URI list")
+    mode: str = opt("synthetic", "synthetic: input = ground truth, degraded here with degradation.*; real-world: input "
+                                 "= degraded faces without ground truth (no degradation; full-reference metrics not "
+                                 "applicable; identity vs input; FID vs metrics.fid_reference)")
     output: str = opt("out/benchmark", "output prefix: gt/, lq/, restored/<method>/, fid/, manifest/, report/")
     seed: int = opt(0, "job seed: degradations and DR2 noise depend only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
@@ -101,7 +115,8 @@ class BenchmarkConfig:
 
 
 def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
-    metrics = [(m, pa.float64()) for m in cfg.metrics.names if m != "fid" and m in METRIC_NAMES]
+    metrics = [(m, pa.float64()) for m in cfg.metrics.names
+               if m not in FID_METRICS and (m in METRIC_NAMES or m in (cfg.metrics.plugins or {}))]
     degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
     return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
             ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics,
@@ -115,15 +130,19 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
     ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
                                 retry=cfg.retry, specs={}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(as_task(Degrade, degradation=cfg.degradation, job_seed=cfg.seed),
-                        batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, images={"gt": "image", "lq": "lq_pixels"},
-                                storage_options=so, retry=cfg.retry, keep_pixels=True),
+    real_world = cfg.mode == "real-world"
+    if real_world:  # the input is the degraded face: no degradation, no ground truth
+        ds = ds.map_batches(as_task(AsObserved), batch_size=cfg.cluster.block_rows, num_cpus=1)
+    else:
+        ds = ds.map_batches(as_task(Degrade, degradation=cfg.degradation, job_seed=cfg.seed),
+                            batch_size=cfg.cluster.block_rows, num_cpus=1)
+    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, storage_options=so, retry=cfg.retry, keep_pixels=True,
+                                images={"lq": "lq_pixels"} if real_world else {"gt": "image", "lq": "lq_pixels"}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
     ds = ds.map_batches(timed(DynamicBenchmarkStage if dyn else BenchmarkStage), fn_constructor_kwargs=dict(
         methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
-        seed=cfg.seed, model_size=cfg.model_size, storage_options=so),
+        seed=cfg.seed, model_size=cfg.model_size, storage_options=so, real_world=real_world),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))
     return write_and_commit(
@@ -148,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         check_dr2_params(cfg.dr2, cfg.model_size)
     except ValueError as e:
         raise DriverRefusal(str(e)) from None
+    if cfg.mode not in MODES:
+        log.error("--mode must be one of %s, got %r", list(MODES), cfg.mode)
+        return 2
+    try:  # wrong metric names, plug-ins and unreadable reference statistics stop the run before Ray starts
+        references = load_references(cfg.metrics, so)
+        extra_metrics = plugin_report_info(cfg.metrics)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
     weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
     if not weights and not cfg.dr2.allow_random_weights:
         log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
@@ -160,18 +188,33 @@ def main(argv: list[str] | None = None) -> int:
         warn_random(summary, "RANDOM-INIT DR2: the DR2 methods' numbers describe an untrained network, not DR2.")
     process(cfg, summary, build_pipeline, version)
     df = read_manifest(cfg.output, so)
-    fid = fid_scores(cfg.output, so) if "fid" in cfg.metrics.names else {}
+    fid_names = [m for m in cfg.metrics.names if m in FID_METRICS]
+    fid = fid_scores(cfg.output, so, references) if fid_names else {}
     unavailable = _unavailable(cfg, df)
-    if "fid" in cfg.metrics.names and not fid:
-        unavailable.setdefault("fid", "no Inception features were computed")
-    meta = {"input": cfg.input, "degradation": cfg.degradation.custom or cfg.degradation.preset,
+    not_applicable = {}
+    if cfg.mode == "real-world":
+        landmark_plugins = {m for m, info in extra_metrics.items() if info[3].startswith("landmark distance")}
+        not_applicable = {m: NO_GT for m in cfg.metrics.names if m in FULL_REFERENCE or m in landmark_plugins}
+        for m in not_applicable:
+            unavailable.pop(m, None)
+    for m in fid_names:
+        if m in unavailable or any(k.startswith(f"{m}@") for k in fid):
+            continue
+        refs = [r.name for r in references.values() if r.protocol == m]
+        unavailable[m] = ("no features were computed" if refs or cfg.mode == "synthetic" else
+                          f"no ground truth (real-world) and no metrics.fid_reference of protocol {m}")
+    ref_notes = {"gt": "ground truth of this run"} | {r.name: r.describe for r in references.values()}
+    meta = {"mode": cfg.mode, "input": cfg.input,
+            "degradation": "none (real-world input)" if cfg.mode == "real-world" else
+            (cfg.degradation.custom or cfg.degradation.preset),
             "methods": json.dumps(cfg.methods), "weights": summary.weights, "code_version": version,
             "samples": int(df["id"].nunique()) if len(df) else 0}
     if len(df):
         written = write_report(df, cfg.output, fid=fid, unavailable=unavailable, meta=meta,
-                               grid_samples=cfg.report_grid_samples, storage_options=so)
+                               grid_samples=cfg.report_grid_samples, storage_options=so,
+                               references=ref_notes, not_applicable=not_applicable, extra_metrics=extra_metrics)
         summary.notes.append(f"report: {written.get('report.html', '')}")
-    summary.notes += [f"FID {m}: {v}" for m, v in fid.items()]
+    summary.notes += [f"{key} {m}: {v}" for key, per in fid.items() for m, v in per.items()]
     return finish(summary, so)
 
 
@@ -179,11 +222,14 @@ def _unavailable(cfg: BenchmarkConfig, df) -> dict[str, str]:
     """Metrics with no value at all, with the reason (asked again of the suite, without building networks)."""
     from tasks.metrics import MetricSuite
 
-    missing = [m for m in cfg.metrics.names if m != "fid" and (m not in df.columns or df[m].isna().all())]
-    if not missing and "fid" not in cfg.metrics.names:
+    fids = [m for m in cfg.metrics.names if m in FID_METRICS]
+    missing = [m for m in cfg.metrics.names if m not in FID_METRICS and (m not in df.columns or df[m].isna().all())]
+    if not missing and not fids:
         return {}
-    suite = MetricSuite([*missing, *(["fid"] if "fid" in cfg.metrics.names else [])], "cpu",
-                        cfg.metrics.weights, cfg.storage_options or None, sha256=cfg.metrics.sha256)
+    if cfg.mode == "real-world":  # not applicable is not unavailable: no need to ask
+        missing = [m for m in missing if m not in FULL_REFERENCE]
+    suite = MetricSuite([*missing, *fids], "cpu", cfg.metrics.weights, cfg.storage_options or None,
+                        sha256=cfg.metrics.sha256, plugins=cfg.metrics.plugins)
     return dict(suite.unavailable) | {m: "no value computed" for m in missing if m not in suite.unavailable}
 
 
