@@ -411,6 +411,10 @@ def _build(d: pd.DataFrame, agg: pd.DataFrame, *, fid, unavailable, meta, plots:
     n_ids, n_err = d["id"].nunique(), int((d["status"] != "ok").sum())
     blocks: list[Block] = []
     add = blocks.append
+    untrained = random_networks(d, (meta or {}).get("metric_weights"))
+    if untrained:
+        add(Block("banner", "UNTRAINED NETWORKS: these numbers describe random-init networks, not the methods: "
+                            + "; ".join(untrained) + ". Configure their weights for numbers that mean anything."))
 
     summary = (f"{n_ids} samples × {len(methods)} methods ({len(d)} rows, {n_err} errors), "
                f"{len(levels)} degradation levels: {', '.join(levels) or 'none'}. "
@@ -512,6 +516,21 @@ def _md_cell(c: Cell) -> str:
     return f"{t} {_md(c.note)}" if c.note else t
 
 
+def random_networks(d: pd.DataFrame, metric_weights: Mapping | None = None) -> list[str]:
+    """Every random-init network behind a report's numbers, named by role: the rows' weights identities
+    ("<diffusion>+<enhancer>", extra networks as "+dr2=...", "+dblm=...") and metric backbones set to random-init."""
+    found: list[str] = []
+    for value in sorted(d["weights"].dropna().astype(str).unique()) if "weights" in d.columns else []:
+        for k, part in enumerate(value.split("+")):
+            role, _, identity = part.rpartition("=") if "=" in part else ("", "", part)
+            role = role or ("diffusion network" if k == 0 else "enhancer")
+            if identity.startswith("random-init") and f"{role} ({identity})" not in found:
+                found.append(f"{role} ({identity})")
+    found += [f"metric backbone {name} (random-init)" for name, w in sorted((metric_weights or {}).items())
+              if w == "random-init"]
+    return found
+
+
 def render_markdown(title: str, blocks: list[Block]) -> str:
     out = [f"# {_md(title)}", ""]
     for b in blocks:
@@ -519,6 +538,8 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
             out += [("## " if b.kind == "h2" else "### ") + _md(b.content), ""]
         elif b.kind == "p":
             out += [_md(b.content), ""]
+        elif b.kind == "banner":
+            out += [f"> **{_md(b.content)}**", ""]
         elif b.kind == "list":
             out += [f"- {_md(x)}" for x in b.content] + [""]
         elif b.kind == "table":
@@ -584,6 +605,9 @@ def render_html(title: str, blocks: list[Block]) -> str:
         elif b.kind == "p":
             out.append(f'<p{" class=summary" if first_p else ""}>{html.escape(b.content)}</p>')
             first_p = False
+        elif b.kind == "banner":
+            out.append(f'<p class="banner" style="background:#fdd;border:2px solid #c00;padding:.6em;'
+                       f'font-weight:bold">{html.escape(b.content)}</p>')
         elif b.kind == "list":
             out.append('<ul class="unavail">' + "".join(f"<li>{html.escape(x)}</li>" for x in b.content) + "</ul>")
         elif b.kind == "table":

@@ -308,3 +308,27 @@ def test_report_on_s3(s3_server, tmp_path):
     assert "**45.68**" in fresh.cat_file(f"{bucket}/run1/report/report.md").decode()
     rgb, _ = decode_image(fresh.cat_file(f"{bucket}/run1/report/grids/0.png"))
     assert rgb.shape[1] == 5 * 256 and rgb.std() > 10  # real images, not only "unreadable" tiles
+
+
+def test_untrained_networks_are_named_in_a_banner_at_the_top(tmp_path):
+    df = pd.DataFrame({
+        "id": ["a", "a", "b"], "method": ["dr2_sparnet", "dyn", "dr2_sparnet"], "status": ["ok"] * 3,
+        "psnr_y": [20.0, 21.0, 22.0], "lq": [None] * 3, "restored": [None] * 3, "gt": [None] * 3,
+        "weights": ["random-init:tiny+random-init:sparnethd", "sha256:0123:prior.pt+dr2=random-init:tiny",
+                    "random-init:tiny+random-init:sparnethd"],
+    })
+    written = write_report(df, str(tmp_path), grid_samples=0, meta={"metric_weights": {"lpips_alex": "random-init",
+                                                                                      "identity": "/w/arc.pth"}})
+    md = Path(written["report.md"]).read_text()
+    first = md.split("\n\n")[1].replace("\\_", "_")  # right under the title (Markdown-escaped)
+    assert first.startswith("> **UNTRAINED NETWORKS")
+    for name in ("diffusion network (random-init:tiny)", "enhancer (random-init:sparnethd)", "dr2 (random-init:tiny)",
+                 "metric backbone lpips_alex (random-init)"):
+        assert name in first
+    assert "identity" not in first and "prior.pt" not in first
+    html_text = Path(written["report.html"]).read_text()
+    assert html_text.index('class="banner"') < html_text.index("<h2")
+    assert "enhancer (random-init:sparnethd)" in html_text
+    trained = write_report(df.assign(weights="sha256:0123:DR2_FFHQ.pkl+sha256:4567:sparnet.pth"),
+                           str(tmp_path / "trained"), grid_samples=0)
+    assert "UNTRAINED" not in Path(trained["report.md"]).read_text()

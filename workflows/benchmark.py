@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "degradation": "none (real-world input)" if cfg.mode == "real-world" else
             (cfg.degradation.custom or cfg.degradation.preset),
             "methods": json.dumps(cfg.methods), "weights": summary.weights, "code_version": version,
-            "samples": int(df["id"].nunique()) if len(df) else 0}
+            "samples": int(df["id"].nunique()) if len(df) else 0, "metric_weights": dict(cfg.metrics.weights or {})}
     if len(df):
         written = write_report(df, cfg.output, fid=fid, unavailable=unavailable, meta=meta,
                                grid_samples=cfg.report_grid_samples, storage_options=so,
