@@ -130,7 +130,7 @@ class DetectAlign:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["id"]), self.align.face_size
-        status, kinds, error = list(batch["status"]), list(batch["error_kind"]), list(batch["error"])
+        status, kinds, error = list(batch["status"]), list(batch.get("error_kind", [""] * n)), list(batch["error"])
         plans, crops = ["[]"] * n, [_empty_crops(size) for _ in range(n)]
         todo = [k for k in range(n) if status[k] == "ok" and batch["kind"][k] == "photo"]
         try:
@@ -300,7 +300,7 @@ class PasteAndWrite:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
-        status, kinds, error = list(batch["status"]), list(batch["error_kind"]), list(batch["error"])
+        status, kinds, error = list(batch["status"]), list(batch.get("error_kind", [""] * n)), list(batch["error"])
         uris, notes = [""] * n, [""] * n
         detected, restored, skipped = (np.zeros(n, np.int64) for _ in range(3))
         face_rows: list[dict] = []

@@ -94,9 +94,15 @@ def _deserialize(uri: str, data: bytes):
 
 
 def _torch_load_reason(e: Exception) -> str:
+    """The reason torch gives, without its generic preamble ("Weights only load failed ... Re-running with
+    weights_only=False will likely succeed") and the documentation pointer around it."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n\n|$)", text, re.S)
-    reason = (m.group(1) if m else text.strip().split("\n")[0]).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    specific = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation",
+                                                           "Please file an issue"))]
+    reason = specific[0] if specific else (paragraphs[0] if paragraphs else "")
+    reason = reason.split("WeightsUnpickler error:", 1)[-1]
+    reason = re.split(r"\. Please use|\n", reason.strip())[0].strip()
     return reason[:300] or type(e).__name__
 
 

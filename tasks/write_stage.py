@@ -45,7 +45,7 @@ class WriteImages:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         uris = {name: [""] * n for name in self.images}
-        status, kind, error = list(batch["status"]), list(batch["error_kind"]), list(batch["error"])
+        status, kind, error = list(batch["status"]), list(batch.get("error_kind", [""] * n)), list(batch["error"])
         for k in range(n):
             if status[k] != "ok":
                 continue

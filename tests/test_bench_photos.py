@@ -49,7 +49,8 @@ def test_bench_photos_tiny_cpu(tmp_path, capsys):
     assert faces >= 2  # MTCNN finds both faces of the collage and the astronaut's
     for r in rows:
         assert r[1] == "2" and int(r[2]) == faces
-        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6].rstrip("%")) > 0
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0
+        assert float(r[6].rstrip("%")) >= 0  # a share can round to 0.0%
     geometry = sum(float(by[s][3]) for s in ("detection", "plan+align", "paste-back"))
     assert abs(float(by["detect+align+paste"][3]) - geometry) < 2e-3
     assert abs(float(by["detect+align+paste"][3]) + float(by["restoration"][3]) - float(by["total"][3])) < 2e-3

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_CODE = ("workflows", "tasks", "models")
 # Loaded by name rather than imported: fsspec imports s3fs for s3:// URLs.
 LOADED_BY_NAME = {"s3fs": "fsspec's s3:// backend"}
+# Optional plug-ins imported lazily, whose absence the code reports (the metric is unavailable, with the reason):
+# deliberately in no lock. The test below checks each is imported only inside a try block of its module.
+OPTIONAL_IMPORTS = {"pyiqa": "tasks/iqa_plugins.py"}
 # Files of requirements-nodeps.txt packages that the package itself never imports (checked below): why skipped.
 NODEPS_UNUSED = {"facenet_pytorch/models/utils/tensorflow2pytorch.py": "weight conversion script (tensorflow)"}
 
@@ -95,6 +98,8 @@ def dependency_problems(imports: dict[str, set[str]], runtime: set[str], test_on
     for module, files in sorted(imports.items()):
         if module in sys.stdlib_module_names or module in shipped or module == "__future__":
             continue
+        if module in OPTIONAL_IMPORTS and files == {OPTIONAL_IMPORTS[module]}:
+            continue
         where = ", ".join(sorted(files))
         if module in project_modules(ROOT):
             problems.append(f"{module} (imported by {where}) is project code the image does not ship")
@@ -123,6 +128,19 @@ def test_runtime_lock_covers_the_runtime_code_and_no_test_tool(sets):
     assert dependency_problems(imports, runtime, test_only, set(RUNTIME_CODE), module_dists) == []
     for dist, why in LOADED_BY_NAME.items():
         assert dist in runtime, f"{dist} ({why}) is missing from requirements.lock"
+
+
+def test_optional_imports_are_guarded():
+    import ast
+
+    for module, path in OPTIONAL_IMPORTS.items():
+        tree = ast.parse((ROOT / path).read_text())
+        guarded = [node for t in ast.walk(tree) if isinstance(t, ast.Try) for node in ast.walk(t)
+                   if isinstance(node, ast.Import) and any(a.name.split(".")[0] == module for a in node.names)]
+        every = [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                 and module in {(getattr(node, "module", None) or "").split(".")[0],
+                                *(a.name.split(".")[0] for a in node.names)}]
+        assert guarded and len(guarded) == len(every), f"{module} must be imported only inside try: in {path}"
 
 
 def test_checker_refuses_test_tools_and_unknown_modules(sets, tmp_path):

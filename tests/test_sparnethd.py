@@ -91,7 +91,9 @@ def test_tiny_forward_matches_reference(tiny):
         out = model(x)
     assert out.shape == ref.shape == (2, 3, 64, 64)
     err = (out - ref).abs().max().item()
-    assert err < 1e-5, f"max abs error {err}"
+    # float32 agreement relative to the output's scale (|out| reaches ~8): the convolution kernels oneDNN
+    # picks differ between CPU models, 1.3e-5 absolute (1.6e-6 relative) on some
+    assert err < 1e-5 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
 def test_eval_deterministic_and_keeps_spectral_buffers(tiny):
