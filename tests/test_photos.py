@@ -112,6 +112,7 @@ def test_auto_mode_caps_and_plugin_detector(ray_local, tmp_path):
     photos = read_manifest(str(out)).set_index("id")
     faces = read_manifest(str(out / "faces")).set_index("id")
     assert photos.loc["aligned.png", "kind"] == "aligned" and photos.loc["wide.png", "kind"] == "photo"
+    assert "photos.mode auto takes every square input as an aligned face crop" in photos.loc["aligned.png", "note"]
     assert _rgb(photos.loc["aligned.png", "restored"]).shape == (64, 64, 3)  # an aligned crop stays a crop
     assert _rgb(photos.loc["wide.png", "restored"]).shape == (300, 400, 3)
     # Detectors return faces by score: f00 is the strong one and wins the single slot.
