@@ -56,12 +56,13 @@ import torch  # noqa: E402
 from bench.common import HelpFormatter, cpu_name, dr2_setup, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import NETWORK_CLOCK, PRECISIONS, DR2Stage  # noqa: E402
+from tasks.dr2_stage import DR2Stage  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.listing import IMAGE_EXTENSIONS  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
 from tasks.manifest import SUMMARY_FILE  # noqa: E402
 from tasks.pipeline import ROOT, ClusterConfig, init_ray  # noqa: E402
+from tasks.runtime import NETWORK_CLOCK, PRECISIONS  # noqa: E402
 from workflows.augment import AugmentConfig  # noqa: E402
 from workflows.augment import main as augment_main  # noqa: E402
 

@@ -64,12 +64,12 @@ from bench.common import (  # noqa: E402
 )
 from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import PRECISIONS  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
 from tasks.manifest import SUMMARY_FILE  # noqa: E402
 from tasks.pipeline import ROOT, ClusterConfig, init_ray  # noqa: E402
 from tasks.restore_stage import RestoreStage  # noqa: E402
+from tasks.runtime import PRECISIONS  # noqa: E402
 from workflows.restore import RestoreConfig  # noqa: E402
 from workflows.restore import main as restore_main  # noqa: E402
 

@@ -15,17 +15,9 @@ import torch
 
 from models.enhancers import BUILTIN, enhance
 from tasks.config import opt
-from tasks.dr2_stage import (
-    DR2Config,
-    DR2Stage,
-    RuntimeConfig,
-    autocast_on,
-    half_dtype,
-    resolve_device,
-    to_model_range,
-    to_uint8,
-)
+from tasks.dr2_stage import DR2Config, DR2Stage
 from tasks.plugins import build_network, import_plugin
+from tasks.runtime import RuntimeConfig, autocast_on, half_dtype, resolve_device, to_model_range, to_uint8
 
 log = logging.getLogger(__name__)
 

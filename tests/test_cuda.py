@@ -17,7 +17,8 @@ import torch._dynamo
 from models.dr2 import DR2Params
 from models.lowpass import lowpass
 from models.noise import SeededNoise
-from tasks.dr2_stage import NETWORK_CLOCK, DR2Config, DR2Stage, RuntimeConfig
+from tasks.dr2_stage import DR2Config, DR2Stage
+from tasks.runtime import NETWORK_CLOCK, RuntimeConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,8 +6,9 @@ import torch
 
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, build_dr2_unet, to_model_range, to_uint8
+from tasks.dr2_stage import DR2Config, DR2Stage, build_dr2_unet
 from tasks.load_stage import draw_params
+from tasks.runtime import RuntimeConfig, to_model_range, to_uint8
 from tasks.weights import RANDOM_INIT
 
 
@@ -113,7 +114,7 @@ def test_compiled_network_is_one_fixed_shape_graph_with_eager_results(stage, mon
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from tasks.dr2_stage import NetworkHost
+    from tasks.runtime import NetworkHost
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")  # dynamo's real tracing, without minutes of codegen on CPU

@@ -113,9 +113,9 @@ def test_per_sample_settings_from_an_input_list(ray_local, tmp_path):
 def test_timed_stage_records_busy_time_per_actor_across_stages():
     import time
 
-    from tasks.dr2_stage import NETWORK_CLOCK
     from tasks.manifest import BUSY_COLUMN, busy_by_actor
     from tasks.pipeline import NETWORK_PREFIX, timed
+    from tasks.runtime import NETWORK_CLOCK
 
     class Slow:
         def __init__(self, pause: float):

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -43,6 +43,7 @@ from tasks.pipeline import (
     warn_random,
     write_and_commit,
 )
+from tasks.runtime import RuntimeConfig
 from tasks.weights import RANDOM_INIT, check_weights
 
 log = logging.getLogger("augment")

@@ -36,20 +36,17 @@ from tasks.benchmark_stage import (
     BenchmarkStage,
     DegradationConfig,
     Degrade,
+    DynamicBenchmarkStage,
     MetricsConfig,
+    check_dynamic_methods,
     fid_scores,
+    has_dynamic,
     load_references,
     plugin_report_info,
 )
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, RuntimeConfig, check_dr2_params
-from tasks.dynamic_stage import (
-    DYNAMIC_COLUMNS,
-    DynamicBenchmarkStage,
-    DynamicConfig,
-    check_dynamic_methods,
-    has_dynamic,
-)
+from tasks.dr2_stage import DR2Config, check_dr2_params
+from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
@@ -74,6 +71,7 @@ from tasks.pipeline import (
 )
 from tasks.report import write_report
 from tasks.restore_stage import EnhancerConfig
+from tasks.runtime import RuntimeConfig
 from tasks.weights import RANDOM_INIT, check_weights
 from tasks.write_stage import WriteImages
 

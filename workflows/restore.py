@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import pyarrow as pa
 
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params
 from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
@@ -62,6 +62,7 @@ from tasks.pipeline import (
     write_and_commit,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.runtime import RuntimeConfig
 from tasks.upsample import resolve_upscale, runs_network
 from tasks.weights import RANDOM_INIT, check_weights
 from tasks.write_stage import WriteImages
