@@ -14,7 +14,7 @@
    pipeline: DR2 actor start-up (process, imports, model build), read+decode+resize tasks, DR2, blur+PNG
    encode+write of LQ and HQ, the Parquet manifest. Listing, resume planning and the summary are not in it.
 4. The bare model loop: the same images are decoded and resized beforehand (tasks.images), then
-   DR2Stage(same DR2Config, same RuntimeConfig).restore() is timed over all batches in this process, with
+   DR2Stage(same DR2Config, same RuntimeConfig).dr2_uint8() is timed over all batches in this process, with
    the torch threads one DR2 actor uses (runtime.torch_threads or cpus_per_actor on CPU).
 5. Peak memory: a background thread sums the memory of this process and all its descendants (Ray's
    gcs_server, raylet, dashboard, idle workers, tasks, actors) every --mem-interval seconds: RssAnon from
@@ -470,7 +470,7 @@ class ModelOnly:
         for k, (x, ids, p) in enumerate(self.batches()):
             if k >= n_batches:
                 break
-            self.stage.restore(x, ids, p)
+            self.stage.dr2_uint8(x, ids, p)
 
     def run(self, interval: float, metric: str, store: ObjectStoreProbe | None, extra_roots: Sequence[int]) -> Run:
         sampler = MemorySampler(interval, metric, store, extra_roots)
@@ -479,7 +479,7 @@ class ModelOnly:
             NETWORK_CLOCK.take()
             t0, c0 = time.perf_counter(), time.process_time()
             for x, ids, p in self.batches():
-                self.stage.restore(x, ids, p)  # returns numpy: CUDA work is finished when it returns
+                self.stage.dr2_uint8(x, ids, p)  # returns numpy: CUDA work is finished when it returns
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             network = NETWORK_CLOCK.take()
         n = len(self.ids)

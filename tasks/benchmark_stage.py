@@ -50,7 +50,7 @@ from tasks.metrics import (
     fid_from_stats,
     load_fid_reference,
 )
-from tasks.restore_stage import EnhancerConfig, build_enhancer
+from tasks.restore_stage import Enhancer, EnhancerConfig, build_enhancer
 from tasks.runtime import RuntimeConfig, to_uint8
 from tasks.storage import get_fs, join_under, write_bytes
 
@@ -192,7 +192,7 @@ class BenchmarkStage:
         self.dr2 = DR2Stage(dr2, runtime, seed, storage_options) if any("N" in m for m in self.methods) else None
         # without DR2 methods, a subclass's sampler device (or the CPU) hosts the enhancers and the metrics
         self.device = self.dr2.device if self.dr2 else (device or torch.device("cpu"))
-        self.enhancers = {}
+        self.enhancers: dict[str, Enhancer] = {}
         self._add_enhancers({m["enhancer"] for m in self.methods if "N" in m}, enhancer, storage_options)
         self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256,
                                  fid_sources=("restored",) if self.real_world else ("restored", "gt"),
@@ -206,9 +206,9 @@ class BenchmarkStage:
 
     def _finish(self, x0: torch.Tensor, enhancer_name: str, gt_size: int) -> np.ndarray:
         """A method's output as uint8 at the GT size: its enhancer, then bicubic if it ends elsewhere."""
-        model, hand, _ = self.enhancers[enhancer_name]
+        chosen = self.enhancers[enhancer_name]
         with torch.inference_mode():
-            y = enhance(model, x0, hand or gt_size)
+            y = enhance(chosen.network, x0, chosen.hand_over or gt_size)
             if y.shape[-1] != gt_size:  # compare at the GT size
                 y = enhance(BUILTIN["bicubic"](), y, gt_size)
         return to_uint8(y)
@@ -226,7 +226,7 @@ class BenchmarkStage:
             key = (int(m["N"]), int(m["tau"]))
             if key not in x0s:
                 small = np.stack([resize_to(im, self.model_size) for im in lq])  # the reference's PIL bicubic
-                x0s[key] = self.dr2.restore_float(small, ids, [DR2Params.of(*key)] * len(ok))
+                x0s[key] = self.dr2.dr2_x0(small, ids, [DR2Params.of(*key)] * len(ok))
             outs[m["name"]] = self._finish(x0s[key], m["enhancer"], gt_size)
         return outs
 
@@ -256,7 +256,7 @@ class BenchmarkStage:
                 cols["tau"].append(dr2.tau if dr2 else -1)
                 cols["omega"].append(dr2.omega if dr2 else -1)
                 cols["seed"].append(sample_seed(self.seed, str(batch["id"][k])))
-                cols["weights"].append(f"{self.dr2.weights}+{self.enhancers[m['enhancer']][2]}" if dr2 else "none")
+                cols["weights"].append(f"{self.dr2.weights}+{self.enhancers[m['enhancer']].weights}" if dr2 else "none")
                 restored.append(outs[m["name"]][j] if j is not None else zero_img)
                 for name in self.metric_names:
                     v = res.values.get(name) if res is not None else None
@@ -453,7 +453,7 @@ class DynamicBenchmarkStage(BenchmarkStage):
             if not is_dynamic(m):
                 continue
             rows = slice(j * n, (j + 1) * n)
-            out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']][2]}"
+            out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']].weights}"
             params, info = self._results.get(self._mode(m), ([], []))
             for p, row, k in zip(params, info, ok):
                 out["omega"][j * n + k] = p.start

@@ -100,15 +100,15 @@ class DR2Stage(NetworkHost):
         log.info("DR2 stage ready on %s (pid %d, weights %s)", self.device, os.getpid(), self.weights)
 
     @torch.inference_mode()
-    def restore_float(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> torch.Tensor:
+    def dr2_x0(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> torch.Tensor:
         """DR2's x0-hat in [-1, 1] (B,3,S,S) on the actor's device; seeds come from (job seed, id)."""
         y = to_model_range(images, self.device)
         seeds = [sample_seed(self.seed, i) for i in ids]
         return dr2_sample(self._network, self.schedule, y, params, SeededNoise(seeds))
 
-    def restore(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> np.ndarray:
+    def dr2_uint8(self, images: np.ndarray, ids: list[str], params: list[DR2Params]) -> np.ndarray:
         """DR2 on uint8 (B,S,S,3) faces with per-sample params -> uint8 (B,S,S,3)."""
-        return to_uint8(self.restore_float(images, ids, params))
+        return to_uint8(self.dr2_x0(images, ids, params))
 
     @staticmethod
     def ok_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str], list[DR2Params]]:
@@ -129,7 +129,7 @@ class DR2Stage(NetworkHost):
         size = batch["image"].shape[1]
         out = np.zeros((len(batch["id"]), size, size, 3), dtype=np.uint8)
         if len(ok):
-            out[ok] = self.restore(batch["image"][ok], ids, params)
+            out[ok] = self.dr2_uint8(batch["image"][ok], ids, params)
         batch["dr2"] = out
         self.annotate(batch)
         return batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,10 +34,15 @@ class EnhancerConfig:
     allow_random_weights: bool = opt(False, "run the enhancer without weights (random-init; demo/tests only)")
 
 
-def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: dict | None = None):
-    """(enhancer, hand-over size or None, weights identity)."""
+class Enhancer(NamedTuple):
+    network: Any  # a torch module or a plug-in callable on (B,3,S,S) in [-1, 1]
+    hand_over: int | None  # DR2's output is clamped and resized to this before the enhancer; None: no hand-over
+    weights: str  # its weights identity (a file's, "random-init...", or the builtin's name)
+
+
+def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: dict | None = None) -> Enhancer:
     if cfg.name in ("none", "bicubic"):
-        return BUILTIN[cfg.name]().to(device), (None if cfg.name == "none" else cfg.size), cfg.name
+        return Enhancer(BUILTIN[cfg.name]().to(device), None if cfg.name == "none" else cfg.size, cfg.name)
     if cfg.name in BUILTIN:
         factory, kwargs = BUILTIN[cfg.name], ({"config": cfg.kwargs} if cfg.kwargs else {})
     else:
@@ -49,7 +55,7 @@ def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: d
                 "restorations")
     if isinstance(model, torch.nn.Module):
         model = model.to(device)
-    return model, cfg.size if cfg.name != "none" else None, identity
+    return Enhancer(model, cfg.size if cfg.name != "none" else None, identity)
 
 
 class RestoreStage:
@@ -72,7 +78,7 @@ class RestoreStage:
         dr2 = np.zeros((n, s, s, 3), np.uint8)
         restored = np.zeros((n, out_size, out_size, 3), np.uint8)
         if len(ok):
-            x0 = self.dr2.restore_float(batch["image"][ok], ids, params)
+            x0 = self.dr2.dr2_x0(batch["image"][ok], ids, params)
             dr2[ok] = to_uint8(x0)
             restored[ok] = to_uint8(self._enhance(x0))
         batch["dr2"], batch["restored"] = dr2, restored

@@ -54,8 +54,8 @@ def test_error_rows_pass_through_without_compute(stage, monkeypatch):
     batch = _batch()
     batch["status"] = np.array(["ok", "error", "ok", "error"], dtype=object)
     seen = []
-    real = stage.restore
-    monkeypatch.setattr(stage, "restore", lambda images, ids, params: seen.append(ids) or real(images, ids, params))
+    real = stage.dr2_uint8
+    monkeypatch.setattr(stage, "dr2_uint8", lambda images, ids, params: seen.append(ids) or real(images, ids, params))
     out = stage(dict(batch))
     assert seen == [["dir/face_0.png", "dir/face_2.png"]]
     assert not out["dr2"][1].any() and not out["dr2"][3].any() and out["omega"][1] == -1
@@ -150,7 +150,7 @@ def test_a_sample_does_not_depend_on_the_n_tau_of_its_batch_mates(stage):
     ids = [f"mix/{k}.png" for k in range(6)]
     params = [DR2Params.of(n, t) for n, t in [(4, 10), (2, 12), (8, 11), (4, 13), (16, 9), (2, 10)]]
     with torch.inference_mode():
-        together = stage.restore_float(images, ids, params)
+        together = stage.dr2_x0(images, ids, params)
         for k in range(6):
-            alone = stage.restore_float(images[k:k + 1], ids[k:k + 1], params[k:k + 1])
+            alone = stage.dr2_x0(images[k:k + 1], ids[k:k + 1], params[k:k + 1])
             assert torch.equal(alone[0], together[k]), f"sample {k} changed with its batch mates"
