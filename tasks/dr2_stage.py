@@ -21,7 +21,7 @@ from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled, opt
 from tasks.runtime import NetworkHost, RuntimeConfig, to_model_range, to_uint8
-from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights
+from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,11 @@ class DR2Config:
     weights: str | None = opt(None, "DR2 diffusion weights (DR2_FFHQ.pkl, ffhq_p2.pt, ffhq_10m.pt or "
                                     ".safetensors): a local path or fsspec URI such as s3://bucket/DR2_FFHQ.pkl")
     sha256: str | None = opt(None, "expected sha256 of the weights file (refuse to run on a mismatch)")
-    allow_random_weights: bool = opt(False, "run without weights on a random-init network: outputs are "
-                                            "NOT restorations and are labelled random-init (demo/tests only)",
+    allow_random_weights: bool = opt(False, "run DR2 without weights on a random-init network: outputs are "
+                                            "NOT restorations and are labelled random-init (demo/tests only). "
+                                            "The short flag --allow-random-weights sets this one only; the enhancer, "
+                                            "dynamic prior, face parser and upsampler each have their own "
+                                            "<section>.allow_random_weights",
                                      flag="--allow-random-weights")
     architecture: str = opt("ffhq256", "UNet: 'ffhq256' (the real checkpoint layout) or 'tiny' "
                                        "(test-size, random weights only)")
@@ -83,7 +86,12 @@ def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tu
             "s3://bucket/DR2_FFHQ.pkl). For a demo of the pipeline only, pass --allow-random-weights: "
             "its outputs are random-init network outputs, NOT restorations.")
     fill_zero_init(model)
-    return model, RANDOM_INIT if cfg.architecture == "ffhq256" else f"{RANDOM_INIT}:tiny"
+    return model, dr2_random_label(cfg)
+
+
+def dr2_random_label(cfg: DR2Config) -> str:
+    """The weights identity of DR2 without weights: random-init, or random-init:tiny for the test-size UNet."""
+    return random_init_label(None if cfg.architecture == "ffhq256" else cfg.architecture)
 
 
 class DR2Stage(NetworkHost):

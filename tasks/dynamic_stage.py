@@ -43,7 +43,7 @@ from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.runtime import NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
-from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights
+from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> t
                            "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
                            "dynamic.allow_random_weights for a demo whose outputs are NOT restorations")
     fill_zero_init(model)
-    return model, f"{RANDOM_INIT}:{cfg.prior}", native
+    return model, random_init_label(cfg.prior), native
 
 
 class LearnedDBLM:

@@ -6,7 +6,7 @@ import torch
 
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled
-from tasks.dr2_stage import DR2Config, DR2Stage, build_dr2_unet
+from tasks.dr2_stage import DR2Config, DR2Stage, build_dr2_unet, dr2_random_label
 from tasks.load_stage import draw_params
 from tasks.runtime import RuntimeConfig, to_model_range, to_uint8
 from tasks.weights import RANDOM_INIT
@@ -68,6 +68,14 @@ def test_refuses_to_run_without_weights_unless_allowed():
         build_dr2_unet(DR2Config())
     with pytest.raises(ValueError, match="architecture"):
         build_dr2_unet(DR2Config(architecture="big", allow_random_weights=True))
+
+
+def test_random_init_label_is_the_one_the_network_builder_records():
+    for arch, label in (("tiny", "random-init:tiny"), ("ffhq256", "random-init")):
+        cfg = DR2Config(allow_random_weights=True, architecture=arch)
+        assert dr2_random_label(cfg) == label
+        if arch == "tiny":  # the full-size UNet is too big to build here just for its label
+            assert build_dr2_unet(cfg)[1] == label
 
 
 def test_full_size_checkpoint_loads_strictly_through_the_stage_builder(tmp_path):
