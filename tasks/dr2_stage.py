@@ -21,6 +21,7 @@ from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled, opt
 from tasks.runtime import NetworkHost, RuntimeConfig, to_model_range, to_uint8
+from tasks.stage import ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def dr2_random_label(cfg: DR2Config) -> str:
     return random_init_label(None if cfg.architecture == "ffhq256" else cfg.architecture)
 
 
-class DR2Stage(NetworkHost):
-    """Ray Data callable class: the network is built once per actor."""
+class DR2Stage(NetworkHost, ImageStage):
+    """Ray Data callable class: the network is built once per actor. Adds 'dr2' (uint8, the input's size)."""
 
     def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
         self.cfg, self.seed = dr2, int(seed)
@@ -119,9 +120,9 @@ class DR2Stage(NetworkHost):
         return to_uint8(self.dr2_x0(images, ids, params))
 
     @staticmethod
-    def ok_rows(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str], list[DR2Params]]:
-        ok = np.flatnonzero(batch["status"] == "ok")
-        return (ok, [str(batch["id"][k]) for k in ok],
+    def samples(batch: dict[str, np.ndarray], ok: np.ndarray) -> tuple[list[str], list[DR2Params]]:
+        """The ids and (N, tau) of the rows ok."""
+        return ([str(batch["id"][k]) for k in ok],
                 [DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])) for k in ok])
 
     def annotate(self, batch: dict[str, np.ndarray]) -> None:
@@ -130,14 +131,10 @@ class DR2Stage(NetworkHost):
         batch["omega"] = np.array([DR2Params.of(int(batch["N"][k]), int(batch["tau"][k])).omega
                                    if batch["status"][k] == "ok" else -1 for k in range(n)], dtype=np.int64)
         batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
-        batch["weights"] = np.array([self.weights] * n, dtype=object)
+        batch["weights"] = per_row(batch, self.weights)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok, ids, params = self.ok_rows(batch)
-        size = batch["image"].shape[1]
-        out = np.zeros((len(batch["id"]), size, size, 3), dtype=np.uint8)
-        if len(ok):
-            out[ok] = self.dr2_uint8(batch["image"][ok], ids, params)
-        batch["dr2"] = out
-        self.annotate(batch)
-        return batch
+    def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        return {"dr2": batch["image"].shape[1]}
+
+    def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        return {"dr2": self.dr2_uint8(batch["image"][ok], *self.samples(batch, ok))}
