@@ -43,6 +43,7 @@ from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.runtime import NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
+from tasks.stage import ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class LearnedScaleMap:
         return scale.float()
 
 
-class DynamicStage(NetworkHost):
+class DynamicStage(NetworkHost, ImageStage):
     """Ray Data callable class: prior, DSST table, blur mapper(s), estimator and (optionally) enhancer built
     once per actor.
 
@@ -361,32 +362,27 @@ class DynamicStage(NetworkHost):
         with autocast_on(self.half):
             return enhance(self.enhancer, x0, self.size_out)
 
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.flatnonzero(batch["status"] == "ok")
-        ids = [str(batch["id"][k]) for k in ok]
-        n = len(batch["id"])
+    def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
         size = self.model_size(batch["image"].shape[1])
-        out_size = self.size_out or size
-        diffused = np.zeros((n, size, size, 3), np.uint8)
-        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
-        omega = np.full(n, -1, np.int64)
-        cols = empty_info(n)
-        if len(ok):
-            x0, params, info = self.restore_float(batch["image"][ok], ids)
-            diffused[ok] = to_uint8(x0)
-            restored[ok] = to_uint8(self._enhance(x0)) if self.enhancer is not None else diffused[ok]
-            for j, k in enumerate(ok):
-                omega[k] = params[j].start
-                for c in cols:
-                    cols[c][k] = info[j][c]
-        batch["dr2"], batch["restored"], batch["omega"] = diffused, restored, omega
-        batch["restore_method"] = np.array(["dynamic"] * n, dtype=object)
-        batch.update(info_arrays(cols))
+        return {"dr2": size, "restored": self.size_out or size}
+
+    def empty_columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        return {"omega": np.full(n, -1, np.int64), "restore_method": per_row(batch, "dynamic"),
+                **info_arrays(empty_info(n))}
+
+    @torch.inference_mode()
+    def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        x0, params, info = self.restore_float(batch["image"][ok], [str(batch["id"][k]) for k in ok])
+        diffused = to_uint8(x0)
+        restored = to_uint8(self._enhance(x0)) if self.enhancer is not None else diffused
+        return {"dr2": diffused, "restored": restored, "omega": [p.start for p in params],
+                **{c: [row[c] for row in info] for c in INFO_COLUMNS}}
+
+    def annotate(self, batch: dict[str, np.ndarray]) -> None:
         batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
-        batch["weights"] = np.array([self.weights] * n, dtype=object)
-        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
-        return batch
+        batch["weights"] = per_row(batch, self.weights)
+        batch["enhancer_weights"] = per_row(batch, self.enhancer_weights)
 
 
 INFO_COLUMNS = {name: kind for name, kind in DYNAMIC_COLUMNS if name != "restore_method"}

@@ -25,10 +25,16 @@ class ImageStage:
 
     Subclasses define `output_sizes` (each output column and its side, known even without ok rows),
     `run` (the outputs of the ok rows, in their order) and, when they add per-row columns, `annotate`.
+    Other per-row outputs of `run` (a start step, a blur level) are declared with their fill value for the
+    rows not computed by `empty_columns`.
     """
 
     def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
         raise NotImplementedError
+
+    def empty_columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Non-image outputs of `run`, filled for every row with the value error rows keep."""
+        return {}
 
     def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -39,6 +45,7 @@ class ImageStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok, n = ok_rows(batch), len(batch["id"])
         outputs = {name: np.zeros((n, size, size, 3), np.uint8) for name, size in self.output_sizes(batch).items()}
+        outputs.update(self.empty_columns(batch))
         if len(ok):
             for name, pixels in self.run(batch, ok).items():
                 outputs[name][ok] = pixels
