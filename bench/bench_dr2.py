@@ -35,7 +35,8 @@ from bench.common import check_size, cpu_name, fmt, kept_state, load_average, te
 from models.diffusion import dr2_schedule  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls, dr2_sample  # noqa: E402
 from models.noise import SeededNoise, sample_seed  # noqa: E402
-from tasks.dr2_stage import HALF, PRECISIONS, DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
+from tasks.dr2_stage import DR2Config, DR2Stage  # noqa: E402
+from tasks.runtime import HALF, PRECISIONS, RuntimeConfig  # noqa: E402
 
 FFHQ256_GFLOP = 387.9  # per forward at 1x3x256x256 (/work/shared/REFERENCE.md)
 H100_BF16_DENSE_TFLOPS = 989.0

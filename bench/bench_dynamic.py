@@ -35,7 +35,8 @@ from models.diffusion import dr2_schedule, respaced_linear_schedule  # noqa: E40
 from models.dr2 import DR2Params, dr2_model_calls, dr2_sample  # noqa: E402
 from models.dynamic import DynParams, SpectralBlurEstimator, dynamic_model_calls, dynamic_sample  # noqa: E402
 from models.noise import SeededNoise, sample_seed  # noqa: E402
-from tasks.dr2_stage import PRECISIONS, DR2Config, DR2Stage, RuntimeConfig  # noqa: E402
+from tasks.dr2_stage import DR2Config, DR2Stage  # noqa: E402
+from tasks.runtime import PRECISIONS, RuntimeConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

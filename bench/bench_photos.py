@@ -76,10 +76,11 @@ from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.align import AlignConfig, align_faces, paste_back, plan_faces  # noqa: E402
 from tasks.config import Sampled  # noqa: E402
 from tasks.detect import DetectorConfig, build_detector  # noqa: E402
-from tasks.dr2_stage import DR2Config, RuntimeConfig  # noqa: E402
+from tasks.dr2_stage import DR2Config  # noqa: E402
 from tasks.images import decode_image, encode_png  # noqa: E402
 from tasks.photo_stage import face_id  # noqa: E402
 from tasks.restore_stage import EnhancerConfig, RestoreStage  # noqa: E402
+from tasks.runtime import RuntimeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")

@@ -14,7 +14,7 @@
    pipeline: DR2 actor start-up (process, imports, model build), read+decode+resize tasks, DR2, blur+PNG
    encode+write of LQ and HQ, the Parquet manifest. Listing, resume planning and the summary are not in it.
 4. The bare model loop: the same images are decoded and resized beforehand (tasks.images), then
-   DR2Stage(same DR2Config, same RuntimeConfig).restore() is timed over all batches in this process, with
+   DR2Stage(same DR2Config, same RuntimeConfig).dr2_uint8() is timed over all batches in this process, with
    the torch threads one DR2 actor uses (runtime.torch_threads or cpus_per_actor on CPU).
 5. Peak memory: a background thread sums the memory of this process and all its descendants (Ray's
    gcs_server, raylet, dashboard, idle workers, tasks, actors) every --mem-interval seconds: RssAnon from
@@ -56,12 +56,13 @@ import torch  # noqa: E402
 from bench.common import HelpFormatter, cpu_name, dr2_setup, fmt, kept_state, load_average, text_table  # noqa: E402
 from models.dr2 import DR2Params, dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import NETWORK_CLOCK, PRECISIONS, DR2Stage  # noqa: E402
+from tasks.dr2_stage import DR2Stage  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.listing import IMAGE_EXTENSIONS  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
 from tasks.manifest import SUMMARY_FILE  # noqa: E402
 from tasks.pipeline import ROOT, ClusterConfig, init_ray  # noqa: E402
+from tasks.runtime import NETWORK_CLOCK, PRECISIONS  # noqa: E402
 from workflows.augment import AugmentConfig  # noqa: E402
 from workflows.augment import main as augment_main  # noqa: E402
 
@@ -469,7 +470,7 @@ class ModelOnly:
         for k, (x, ids, p) in enumerate(self.batches()):
             if k >= n_batches:
                 break
-            self.stage.restore(x, ids, p)
+            self.stage.dr2_uint8(x, ids, p)
 
     def run(self, interval: float, metric: str, store: ObjectStoreProbe | None, extra_roots: Sequence[int]) -> Run:
         sampler = MemorySampler(interval, metric, store, extra_roots)
@@ -478,7 +479,7 @@ class ModelOnly:
             NETWORK_CLOCK.take()
             t0, c0 = time.perf_counter(), time.process_time()
             for x, ids, p in self.batches():
-                self.stage.restore(x, ids, p)  # returns numpy: CUDA work is finished when it returns
+                self.stage.dr2_uint8(x, ids, p)  # returns numpy: CUDA work is finished when it returns
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             network = NETWORK_CLOCK.take()
         n = len(self.ids)

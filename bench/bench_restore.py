@@ -25,7 +25,7 @@
    With --repeats R the topologies alternate (shared, separate, separate, shared, ...) and the table shows medians.
 4. model-only: RestoreStage (the shared topology's actor class, same configs) called in this process on the
    same images, decoded and resized beforehand, in batches of --batch-size after one untimed batch; the DR2 part
-   (DR2Stage.restore_float) is timed on its own, the rest (hand-over, enhancer, uint8 conversion) is the enhancer.
+   (DR2Stage.dr2_x0) is timed on its own, the rest (hand-over, enhancer, uint8 conversion) is the enhancer.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ from bench.common import (  # noqa: E402
 )
 from models.dr2 import dr2_model_calls  # noqa: E402
 from tasks.config import load  # noqa: E402
-from tasks.dr2_stage import PRECISIONS  # noqa: E402
 from tasks.images import decode_image, prepare_face  # noqa: E402
 from tasks.load_stage import draw_params  # noqa: E402
 from tasks.manifest import SUMMARY_FILE  # noqa: E402
 from tasks.pipeline import ROOT, ClusterConfig, init_ray  # noqa: E402
 from tasks.restore_stage import RestoreStage  # noqa: E402
+from tasks.runtime import PRECISIONS  # noqa: E402
 from workflows.restore import RestoreConfig  # noqa: E402
 from workflows.restore import main as restore_main  # noqa: E402
 
@@ -132,17 +132,17 @@ class ModelOnly:
                                                           min_side=cfg.image.min_side)[0],
                                              cfg.image.size, cfg.image.non_square) for u, _ in rows])
         self.dr2_s = 0.0
-        restore_float = self.stage.dr2.restore_float
+        dr2_x0 = self.stage.dr2.dr2_x0
 
         def timed_dr2(*a, **kw):  # the DR2 part of RestoreStage.__call__, timed on its own
             t = time.perf_counter()
-            x0 = restore_float(*a, **kw)
+            x0 = dr2_x0(*a, **kw)
             if self.cuda:
                 torch.cuda.synchronize()  # the stage's next step (to_uint8) waits for DR2 anyway
             self.dr2_s += time.perf_counter() - t
             return x0
 
-        self.stage.dr2.restore_float = timed_dr2
+        self.stage.dr2.dr2_x0 = timed_dr2
 
     def batches(self):
         for i in range(0, len(self.ids), self.batch):

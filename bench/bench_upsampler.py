@@ -156,10 +156,11 @@ def child(spec: str) -> None:
 
     from tasks.align import AlignConfig
     from tasks.detect import DetectorConfig
-    from tasks.dr2_stage import DR2Config, RuntimeConfig
+    from tasks.dr2_stage import DR2Config
     from tasks.images import decode_image
     from tasks.photo_stage import DetectAlign, PasteAndWrite, PhotoRestore, _objects
     from tasks.restore_stage import EnhancerConfig, RestoreStage
+    from tasks.runtime import RuntimeConfig
     from tasks.upsample import resolve_upscale, runs_network
 
     cfg = json.loads(spec)

@@ -9,7 +9,6 @@ so one batch can hold samples at different steps.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -131,10 +130,6 @@ class DiffusionSchedule:
         return self.coef("sqrt_recip_alphas_cumprod", i, x_t.ndim) * x_t - \
             self.coef("sqrt_recipm1_alphas_cumprod", i, x_t.ndim) * eps
 
-    def predict_eps(self, x_t: Tensor, i: Tensor, x0: Tensor) -> Tensor:
-        return (self.coef("sqrt_recip_alphas_cumprod", i, x_t.ndim) * x_t - x0) / \
-            self.coef("sqrt_recipm1_alphas_cumprod", i, x_t.ndim)
-
     def posterior_mean(self, x0: Tensor, x_t: Tensor, i: Tensor) -> Tensor:
         return self.coef("posterior_mean_coef1", i, x_t.ndim) * x0 + \
             self.coef("posterior_mean_coef2", i, x_t.ndim) * x_t
@@ -177,6 +172,3 @@ def dr2_schedule() -> DiffusionSchedule:
     """DR2's schedule: linear betas, T = 1000, respaced with space_timesteps(1000, [100])."""
     return respaced_linear_schedule(1000, "100")
 
-
-def sqrt_abar(schedule: DiffusionSchedule, i: int) -> float:
-    return math.sqrt(schedule.alphas_cumprod[i])

@@ -109,18 +109,19 @@ def dr2_sample(
         done = [k for k, b in enumerate(rows) if params[b].tau == i]
         if done:
             put(out, [rows[k] for k in done], take(x0, done, len(rows)))
-        go = [k for k, b in enumerate(rows) if params[b].tau < i]
-        if not go:
+        # the samples that step on below i: their positions in `rows`, and their batch indices
+        cont = [k for k, b in enumerate(rows) if params[b].tau < i]
+        if not cont:
             continue
-        gb = [rows[k] for k in go]
-        x0g, xg, vg, stepg = (take(t, go, len(rows)) for t in (x0, xi, v, step))
-        x_prev = schedule.ancestral_step(x0g, xg, stepg, vg, noise("z", i, gb, xg))
-        yg = take(y, gb, B)
-        y_prev = schedule.q_sample(yg, stepg - 1, noise("qy", i - 1, gb, yg))
-        factors = [params[b].N for b in gb]  # N = 1 never gets here (it starts at tau)
+        cont_rows = [rows[k] for k in cont]
+        x0_cont, x_cont, v_cont, step_cont = (take(t, cont, len(rows)) for t in (x0, xi, v, step))
+        x_prev = schedule.ancestral_step(x0_cont, x_cont, step_cont, v_cont, noise("z", i, cont_rows, x_cont))
+        y_cont = take(y, cont_rows, B)
+        y_prev = schedule.q_sample(y_cont, step_cont - 1, noise("qy", i - 1, cont_rows, y_cont))
+        factors = [params[b].N for b in cont_rows]  # N = 1 never gets here (it starts at tau)
         x_prev = x_prev - lowpass(x_prev, factors) + lowpass(y_prev, factors)
-        if len(gb) == B:
+        if len(cont_rows) == B:
             x = x_prev
         else:
-            put(x, gb, x_prev)
+            put(x, cont_rows, x_prev)
     return out

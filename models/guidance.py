@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -385,15 +385,9 @@ def closed_form_guidance(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Tens
     return solver(x0, range(x0.shape[0]), gamma)
 
 
-def _closed_form_circular(x0: Tensor, guides: Tensor, sigmas: Tensor, gamma: Tensor) -> Tensor:
-    """The same solve in the pure circular model (no padding): exact for circular convolution (tests)."""
-    return closed_form_guidance(x0, guides, sigmas, gamma, pad="circular")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # DGSA: guidance scale map
 # ---------------------------------------------------------------------------------------------------------
-@runtime_checkable
 class ScaleMapNet(Protocol):
     """A map computed once can replace ``guidance_scale_map``: any callable image (B, C, H, W) in [-1, 1]
     -> (B, 1, H, W) in [0, 1], used with ``apply_scale_map``. A learned per-step DGSA (guides, x0_t, t) is

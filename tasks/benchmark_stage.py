@@ -5,6 +5,9 @@ with that method's metrics, its restored pixels and, when FID is on, its Incepti
 FID network, `features:<metric>`). In real-world mode a sample enters as the degraded face itself (no ground
 truth): `AsObserved` replaces the degradation, full-reference metrics are not applicable, identity compares
 output with input, and FIDs are against reference statistics (metrics.fid_reference).
+
+Dynamic methods ({name, dynamic: true, enhancer, diffuse}): `parse_methods_with_dynamic` and
+`DynamicBenchmarkStage`, which runs tasks/dynamic_stage.py's sampler next to the DR2/input methods.
 """
 
 from __future__ import annotations
@@ -19,11 +22,20 @@ import pyarrow.parquet as pq
 import torch
 
 from models.dr2 import DR2Params
+from models.dynamic import DynParams
 from models.enhancers import BUILTIN, enhance
 from models.noise import sample_seed
 from tasks.config import opt
 from tasks.degradation import degrade, draw_degradation
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, to_uint8
+from tasks.dr2_stage import DR2Config, DR2Stage
+from tasks.dynamic_stage import (
+    DIFFUSE_MODES,
+    DynamicConfig,
+    DynamicStage,
+    empty_info,
+    info_arrays,
+    resolve_diffuse,
+)
 from tasks.faults import TRANSIENT, TransientError
 from tasks.images import resize_to
 from tasks.manifest import ManifestWriter, manifest_prefix, shard_name
@@ -38,7 +50,8 @@ from tasks.metrics import (
     fid_from_stats,
     load_fid_reference,
 )
-from tasks.restore_stage import EnhancerConfig, build_enhancer
+from tasks.restore_stage import Enhancer, EnhancerConfig, build_enhancer
+from tasks.runtime import RuntimeConfig, to_uint8
 from tasks.storage import get_fs, join_under, write_bytes
 
 log = logging.getLogger(__name__)
@@ -179,7 +192,7 @@ class BenchmarkStage:
         self.dr2 = DR2Stage(dr2, runtime, seed, storage_options) if any("N" in m for m in self.methods) else None
         # without DR2 methods, a subclass's sampler device (or the CPU) hosts the enhancers and the metrics
         self.device = self.dr2.device if self.dr2 else (device or torch.device("cpu"))
-        self.enhancers = {}
+        self.enhancers: dict[str, Enhancer] = {}
         self._add_enhancers({m["enhancer"] for m in self.methods if "N" in m}, enhancer, storage_options)
         self.suite = MetricSuite(metrics.names, self.device, metrics.weights, storage_options, sha256=metrics.sha256,
                                  fid_sources=("restored",) if self.real_world else ("restored", "gt"),
@@ -193,9 +206,9 @@ class BenchmarkStage:
 
     def _finish(self, x0: torch.Tensor, enhancer_name: str, gt_size: int) -> np.ndarray:
         """A method's output as uint8 at the GT size: its enhancer, then bicubic if it ends elsewhere."""
-        model, hand, _ = self.enhancers[enhancer_name]
+        chosen = self.enhancers[enhancer_name]
         with torch.inference_mode():
-            y = enhance(model, x0, hand or gt_size)
+            y = enhance(chosen.network, x0, chosen.hand_over or gt_size)
             if y.shape[-1] != gt_size:  # compare at the GT size
                 y = enhance(BUILTIN["bicubic"](), y, gt_size)
         return to_uint8(y)
@@ -213,7 +226,7 @@ class BenchmarkStage:
             key = (int(m["N"]), int(m["tau"]))
             if key not in x0s:
                 small = np.stack([resize_to(im, self.model_size) for im in lq])  # the reference's PIL bicubic
-                x0s[key] = self.dr2.restore_float(small, ids, [DR2Params.of(*key)] * len(ok))
+                x0s[key] = self.dr2.dr2_x0(small, ids, [DR2Params.of(*key)] * len(ok))
             outs[m["name"]] = self._finish(x0s[key], m["enhancer"], gt_size)
         return outs
 
@@ -243,7 +256,7 @@ class BenchmarkStage:
                 cols["tau"].append(dr2.tau if dr2 else -1)
                 cols["omega"].append(dr2.omega if dr2 else -1)
                 cols["seed"].append(sample_seed(self.seed, str(batch["id"][k])))
-                cols["weights"].append(f"{self.dr2.weights}+{self.enhancers[m['enhancer']][2]}" if dr2 else "none")
+                cols["weights"].append(f"{self.dr2.weights}+{self.enhancers[m['enhancer']].weights}" if dr2 else "none")
                 restored.append(outs[m["name"]][j] if j is not None else zero_img)
                 for name in self.metric_names:
                     v = res.values.get(name) if res is not None else None
@@ -342,3 +355,109 @@ def fid_scores(output: str, storage_options: dict | None = None,
                 out.setdefault(f"{metric}@{ref.name}", {})[method] = (
                     fid_against_reference(st, ref) if st.count >= 2 else "unavailable: fewer than 2 images")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark methods {name, dynamic: true, enhancer}
+# ---------------------------------------------------------------------------------------------------------
+def is_dynamic(method: dict) -> bool:
+    return bool(method.get("dynamic", False))
+
+
+def parse_methods_with_dynamic(methods: list[dict]) -> list[dict]:
+    """parse_methods for the DR2/input methods, plus dynamic methods {name, dynamic: true, enhancer?, diffuse?};
+    order kept. diffuse overrides dynamic.diffuse for that method (e.g. dyn and dyn_raw side by side)."""
+    plain = parse_methods([m for m in methods if not is_dynamic(m)])
+    it = iter(plain)
+    out, seen = [], {m["name"] for m in plain}
+    for m in methods:
+        if not is_dynamic(m):
+            out.append(next(it))
+            continue
+        m = dict(m)
+        unknown = set(m) - {"name", "dynamic", "enhancer", "diffuse"}
+        if unknown or "name" not in m or m["dynamic"] is not True:
+            raise ValueError(f"a dynamic method is {{name, dynamic: true, enhancer, diffuse}}, got {m}")
+        if m["name"] in seen:
+            raise ValueError(f"duplicate method name {m['name']!r}")
+        if m.get("diffuse", "auto") not in DIFFUSE_MODES:
+            raise ValueError(f"method {m['name']!r}: diffuse must be one of {', '.join(DIFFUSE_MODES)}, "
+                             f"got {m['diffuse']!r}")
+        seen.add(m["name"])
+        m.setdefault("enhancer", "none")
+        out.append(m)
+    return out
+
+
+def has_dynamic(methods: list[dict]) -> bool:
+    return any(is_dynamic(m) for m in methods)
+
+
+def check_dynamic_methods(methods: list[dict], dynamic: DynamicConfig, dr2: DR2Config | None) -> None:
+    """On the driver: every dynamic method's diffuse resolves (ValueError naming the option otherwise)."""
+    for m in parse_methods_with_dynamic(methods):
+        if is_dynamic(m):
+            resolve_diffuse(dynamic, dr2, m.get("diffuse"))
+
+
+class DynamicBenchmarkStage(BenchmarkStage):
+    """BenchmarkStage plus dynamic methods: the dynamic sampler runs once per batch and distinct diffuse
+    value (shared by the dynamic methods that differ only in their enhancer); their rows carry omega = the
+    respaced start, the networks' weights and the per-sample dynamic annotations (mapper, blur levels)."""
+
+    def __init__(self, methods: list[dict], dynamic: DynamicConfig, dr2, enhancer: EnhancerConfig,
+                 metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,
+                 storage_options: dict | None = None, real_world: bool = False):
+        methods = parse_methods_with_dynamic(methods)
+        dynamic_methods = [m for m in methods if is_dynamic(m)]
+        self.dynamic_stage = DynamicStage(dynamic, None, runtime, seed, storage_options, dr2=dr2,
+                                          diffuse_modes=[self._diffuse(m, dynamic) for m in dynamic_methods])
+        super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
+                         model_size, storage_options, device=self.dynamic_stage.device, real_world=real_world)
+        self.methods = methods
+        self._add_enhancers({m["enhancer"] for m in dynamic_methods}, enhancer, storage_options)
+        self._results: dict[str, tuple[list[DynParams], list[dict]]] = {}
+
+    @staticmethod
+    def _diffuse(method: dict, dynamic: DynamicConfig) -> str:
+        return method.get("diffuse", dynamic.diffuse)
+
+    def _mode(self, method: dict) -> str:
+        """The resolved mapper of a dynamic method (auto and its value share one chain)."""
+        return self.dynamic_stage.modes[self._diffuse(method, self.dynamic_stage.cfg)]
+
+    def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
+        outs = super()._method_outputs(batch, ok)  # dynamic methods come back as the LQ (no N): replaced here
+        gt_size = batch["image"].shape[1]
+        ids = [str(batch["id"][k]) for k in ok]
+        sampled: dict[str, torch.Tensor] = {}
+        for m in self.methods:
+            if not is_dynamic(m):
+                continue
+            mode = self._mode(m)
+            if mode not in sampled:
+                x0, params, info = self.dynamic_stage.restore_float(batch["lq_pixels"][ok], ids,
+                                                                    self._diffuse(m, self.dynamic_stage.cfg))
+                sampled[mode] = x0
+                self._results[mode] = (params, info)
+            outs[m["name"]] = self._finish(sampled[mode], m["enhancer"], gt_size)
+        return outs
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._results = {}
+        out = super().__call__(batch)
+        n = len(batch["id"])
+        ok = np.flatnonzero(batch["status"] == "ok")
+        cols = empty_info(n * len(self.methods))
+        for j, m in enumerate(self.methods):
+            if not is_dynamic(m):
+                continue
+            rows = slice(j * n, (j + 1) * n)
+            out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']].weights}"
+            params, info = self._results.get(self._mode(m), ([], []))
+            for p, row, k in zip(params, info, ok):
+                out["omega"][j * n + k] = p.start
+                for c in cols:
+                    cols[c][j * n + k] = row[c]
+        out.update(info_arrays(cols))
+        return out

@@ -252,7 +252,7 @@ class MTCNNDetector(_ScaledDetector):
         import torch
         from facenet_pytorch import MTCNN
 
-        from tasks.dr2_stage import resolve_device
+        from tasks.runtime import resolve_device
 
         if batch_size < 1:
             raise ValueError(f"detector.batch_size must be >= 1, got {batch_size}")
@@ -448,7 +448,7 @@ def build_detector(cfg: DetectorConfig, storage_options: dict | None = None) -> 
     cls = import_plugin(cfg.name, "detector.name", "mtcnn, haar")
     device = cfg.device
     if device == "auto":
-        from tasks.dr2_stage import resolve_device
+        from tasks.runtime import resolve_device
 
         device = str(resolve_device(device))
     plugin = cls(cfg.weights, device, **kwargs)

@@ -14,8 +14,7 @@ map), "seed", "weights" (the prior's identity, then every other network the chai
 Each sample's noise depends only on (job seed, id) (SeededNoise(sample_seed)), so outputs do not depend on
 batching, order, worker or retries (bit-identical on CPU).
 
-Also the benchmark's dynamic methods: `parse_methods_with_dynamic` and `DynamicBenchmarkStage` (method
-spec {name, dynamic: true, enhancer, diffuse}).
+The benchmark's dynamic methods (`DynamicBenchmarkStage`) live in tasks/benchmark_stage.py.
 """
 
 from __future__ import annotations
@@ -38,22 +37,14 @@ from models.enhancers import enhance
 from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
-from tasks.benchmark_stage import BenchmarkStage, MetricsConfig, parse_methods
 from tasks.config import opt
-from tasks.dr2_stage import (
-    TINY_UNET,
-    DR2Config,
-    DR2Stage,
-    NetworkHost,
-    RuntimeConfig,
-    autocast_on,
-    to_model_range,
-    to_uint8,
-)
+from tasks.dr2_stage import TINY_UNET, DR2Config, DR2Stage
 from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
-from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights
+from tasks.runtime import NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
+from tasks.stage import ImageStage, per_row
+from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +183,7 @@ def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> t
                            "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
                            "dynamic.allow_random_weights for a demo whose outputs are NOT restorations")
     fill_zero_init(model)
-    return model, f"{RANDOM_INIT}:{cfg.prior}", native
+    return model, random_init_label(cfg.prior), native
 
 
 class LearnedDBLM:
@@ -247,7 +238,7 @@ class LearnedScaleMap:
         return scale.float()
 
 
-class DynamicStage(NetworkHost):
+class DynamicStage(NetworkHost, ImageStage):
     """Ray Data callable class: prior, DSST table, blur mapper(s), estimator and (optionally) enhancer built
     once per actor.
 
@@ -371,32 +362,27 @@ class DynamicStage(NetworkHost):
         with autocast_on(self.half):
             return enhance(self.enhancer, x0, self.size_out)
 
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.flatnonzero(batch["status"] == "ok")
-        ids = [str(batch["id"][k]) for k in ok]
-        n = len(batch["id"])
+    def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
         size = self.model_size(batch["image"].shape[1])
-        out_size = self.size_out or size
-        diffused = np.zeros((n, size, size, 3), np.uint8)
-        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
-        omega = np.full(n, -1, np.int64)
-        cols = empty_info(n)
-        if len(ok):
-            x0, params, info = self.restore_float(batch["image"][ok], ids)
-            diffused[ok] = to_uint8(x0)
-            restored[ok] = to_uint8(self._enhance(x0)) if self.enhancer is not None else diffused[ok]
-            for j, k in enumerate(ok):
-                omega[k] = params[j].start
-                for c in cols:
-                    cols[c][k] = info[j][c]
-        batch["dr2"], batch["restored"], batch["omega"] = diffused, restored, omega
-        batch["restore_method"] = np.array(["dynamic"] * n, dtype=object)
-        batch.update(info_arrays(cols))
+        return {"dr2": size, "restored": self.size_out or size}
+
+    def empty_columns(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        return {"omega": np.full(n, -1, np.int64), "restore_method": per_row(batch, "dynamic"),
+                **info_arrays(empty_info(n))}
+
+    @torch.inference_mode()
+    def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        x0, params, info = self.restore_float(batch["image"][ok], [str(batch["id"][k]) for k in ok])
+        diffused = to_uint8(x0)
+        restored = to_uint8(self._enhance(x0)) if self.enhancer is not None else diffused
+        return {"dr2": diffused, "restored": restored, "omega": [p.start for p in params],
+                **{c: [row[c] for row in info] for c in INFO_COLUMNS}}
+
+    def annotate(self, batch: dict[str, np.ndarray]) -> None:
         batch["seed"] = np.array([sample_seed(self.seed, str(i)) for i in batch["id"]], dtype=np.int64)
-        batch["weights"] = np.array([self.weights] * n, dtype=object)
-        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
-        return batch
+        batch["weights"] = per_row(batch, self.weights)
+        batch["enhancer_weights"] = per_row(batch, self.enhancer_weights)
 
 
 INFO_COLUMNS = {name: kind for name, kind in DYNAMIC_COLUMNS if name != "restore_method"}
@@ -411,109 +397,3 @@ def empty_info(n: int) -> dict[str, list]:
 def info_arrays(cols: dict[str, list]) -> dict[str, np.ndarray]:
     return {c: np.array(v, np.int64 if INFO_COLUMNS[c] == pa.int64() else np.float64
                         if INFO_COLUMNS[c] == pa.float64() else object) for c, v in cols.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Benchmark methods {name, dynamic: true, enhancer}
-# ---------------------------------------------------------------------------------------------------------
-def is_dynamic(method: dict) -> bool:
-    return bool(method.get("dynamic", False))
-
-
-def parse_methods_with_dynamic(methods: list[dict]) -> list[dict]:
-    """parse_methods for the DR2/input methods, plus dynamic methods {name, dynamic: true, enhancer?, diffuse?};
-    order kept. diffuse overrides dynamic.diffuse for that method (e.g. dyn and dyn_raw side by side)."""
-    plain = parse_methods([m for m in methods if not is_dynamic(m)])
-    it = iter(plain)
-    out, seen = [], {m["name"] for m in plain}
-    for m in methods:
-        if not is_dynamic(m):
-            out.append(next(it))
-            continue
-        m = dict(m)
-        unknown = set(m) - {"name", "dynamic", "enhancer", "diffuse"}
-        if unknown or "name" not in m or m["dynamic"] is not True:
-            raise ValueError(f"a dynamic method is {{name, dynamic: true, enhancer, diffuse}}, got {m}")
-        if m["name"] in seen:
-            raise ValueError(f"duplicate method name {m['name']!r}")
-        if m.get("diffuse", "auto") not in DIFFUSE_MODES:
-            raise ValueError(f"method {m['name']!r}: diffuse must be one of {', '.join(DIFFUSE_MODES)}, "
-                             f"got {m['diffuse']!r}")
-        seen.add(m["name"])
-        m.setdefault("enhancer", "none")
-        out.append(m)
-    return out
-
-
-def has_dynamic(methods: list[dict]) -> bool:
-    return any(is_dynamic(m) for m in methods)
-
-
-def check_dynamic_methods(methods: list[dict], dynamic: DynamicConfig, dr2: DR2Config | None) -> None:
-    """On the driver: every dynamic method's diffuse resolves (ValueError naming the option otherwise)."""
-    for m in parse_methods_with_dynamic(methods):
-        if is_dynamic(m):
-            resolve_diffuse(dynamic, dr2, m.get("diffuse"))
-
-
-class DynamicBenchmarkStage(BenchmarkStage):
-    """BenchmarkStage plus dynamic methods: the dynamic sampler runs once per batch and distinct diffuse
-    value (shared by the dynamic methods that differ only in their enhancer); their rows carry omega = the
-    respaced start, the networks' weights and the per-sample dynamic annotations (mapper, blur levels)."""
-
-    def __init__(self, methods: list[dict], dynamic: DynamicConfig, dr2, enhancer: EnhancerConfig,
-                 metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,
-                 storage_options: dict | None = None, real_world: bool = False):
-        methods = parse_methods_with_dynamic(methods)
-        dynamic_methods = [m for m in methods if is_dynamic(m)]
-        self.dynamic_stage = DynamicStage(dynamic, None, runtime, seed, storage_options, dr2=dr2,
-                                          diffuse_modes=[self._diffuse(m, dynamic) for m in dynamic_methods])
-        super().__init__([m for m in methods if not is_dynamic(m)], dr2, enhancer, metrics, runtime, seed,
-                         model_size, storage_options, device=self.dynamic_stage.device, real_world=real_world)
-        self.methods = methods
-        self._add_enhancers({m["enhancer"] for m in dynamic_methods}, enhancer, storage_options)
-        self._results: dict[str, tuple[list[DynParams], list[dict]]] = {}
-
-    @staticmethod
-    def _diffuse(method: dict, dynamic: DynamicConfig) -> str:
-        return method.get("diffuse", dynamic.diffuse)
-
-    def _mode(self, method: dict) -> str:
-        """The resolved mapper of a dynamic method (auto and its value share one chain)."""
-        return self.dynamic_stage.modes[self._diffuse(method, self.dynamic_stage.cfg)]
-
-    def _method_outputs(self, batch, ok) -> dict[str, np.ndarray]:
-        outs = super()._method_outputs(batch, ok)  # dynamic methods come back as the LQ (no N): replaced here
-        gt_size = batch["image"].shape[1]
-        ids = [str(batch["id"][k]) for k in ok]
-        sampled: dict[str, torch.Tensor] = {}
-        for m in self.methods:
-            if not is_dynamic(m):
-                continue
-            mode = self._mode(m)
-            if mode not in sampled:
-                x0, params, info = self.dynamic_stage.restore_float(batch["lq_pixels"][ok], ids,
-                                                                    self._diffuse(m, self.dynamic_stage.cfg))
-                sampled[mode] = x0
-                self._results[mode] = (params, info)
-            outs[m["name"]] = self._finish(sampled[mode], m["enhancer"], gt_size)
-        return outs
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._results = {}
-        out = super().__call__(batch)
-        n = len(batch["id"])
-        ok = np.flatnonzero(batch["status"] == "ok")
-        cols = empty_info(n * len(self.methods))
-        for j, m in enumerate(self.methods):
-            if not is_dynamic(m):
-                continue
-            rows = slice(j * n, (j + 1) * n)
-            out["weights"][rows] = f"{self.dynamic_stage.weights}+{self.enhancers[m['enhancer']][2]}"
-            params, info = self._results.get(self._mode(m), ([], []))
-            for p, row, k in zip(params, info, ok):
-                out["omega"][j * n + k] = p.start
-                for c in cols:
-                    cols[c][j * n + k] = row[c]
-        out.update(info_arrays(cols))
-        return out

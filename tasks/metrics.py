@@ -591,9 +591,8 @@ FID_DIM = 2048
 class FIDStats:
     """Feature statistics accumulated exactly as (count, sum, sum of outer products) in float64.
 
-    Shards update their own FIDStats and are combined with `merge` (plain float64 additions: the result
-    equals a single pass up to rounding); `mean` and `cov` (unbiased, as np.cov) are derived at the end.
-    `to_dict` gives flat float64 arrays for NPZ or a Parquet row (list<double> columns); `from_dict` inverts it.
+    Batches are added with `update` (plain float64 additions: any split equals a single pass up to rounding);
+    `mean` and `cov` (unbiased, as np.cov) are derived at the end.
     """
 
     def __init__(self, dim: int = 2048):
@@ -614,24 +613,6 @@ class FIDStats:
         self.sum_outer += f.T @ f
         return self
 
-    def merge(self, other: FIDStats) -> FIDStats:
-        """Add another shard's statistics into this one (in place); returns self."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge FID statistics of dimension {other.dim} into {self.dim}")
-        self.count += other.count
-        self.sum += other.sum
-        self.sum_outer += other.sum_outer
-        return self
-
-    @classmethod
-    def merged(cls, parts: Sequence[FIDStats]) -> FIDStats:
-        if not parts:
-            raise ValueError("nothing to merge")
-        out = cls(parts[0].dim)
-        for p in parts:
-            out.merge(p)
-        return out
-
     @property
     def mean(self) -> np.ndarray:
         if self.count < 1:
@@ -646,27 +627,6 @@ class FIDStats:
         mu = self.mean
         c = (self.sum_outer - self.count * np.outer(mu, mu)) / (self.count - 1)
         return (c + c.T) / 2  # exact symmetry
-
-    def to_dict(self) -> dict:
-        return {"dim": self.dim, "count": self.count, "sum": self.sum.copy(), "sum_outer": self.sum_outer.ravel()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FIDStats:
-        out = cls(int(d["dim"]))
-        out.count = int(d["count"])
-        out.sum = np.asarray(d["sum"], dtype=np.float64).reshape(out.dim).copy()
-        out.sum_outer = np.asarray(d["sum_outer"], dtype=np.float64).reshape(out.dim, out.dim).copy()
-        return out
-
-    def to_npz_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, **self.to_dict())
-        return buf.getvalue()
-
-    @classmethod
-    def from_npz_bytes(cls, data: bytes) -> FIDStats:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls.from_dict({k: z[k] for k in z.files})
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:

@@ -186,7 +186,7 @@ class PhotoRestore:
         if parser is not None and parser.name != "none":
             self.parser = FaceParser(parser, device, stage_kwargs.get("storage_options"))
         if upsampler is not None and upscale > 1:  # a network upsampler, on the restoration's device
-            from tasks.dr2_stage import half_dtype
+            from tasks.runtime import half_dtype
 
             self.upsampler = TiledUpsampler(upsampler, upscale, device, half_dtype(stage_kwargs["runtime"], device),
                                             stage_kwargs.get("storage_options"))

@@ -175,7 +175,7 @@ def timed(stage_cls):
         def __call__(self, batch):
             # imported here: this local class travels to the actor by value, and a global it referenced
             # would travel as a copy, not the actor's own clock that the network writes to
-            from tasks.dr2_stage import NETWORK_CLOCK
+            from tasks.runtime import NETWORK_CLOCK
 
             NETWORK_CLOCK.take()  # drop anything before this call (start-up)
             t0 = time.perf_counter()

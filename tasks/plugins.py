@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tasks.weights import RANDOM_INIT, load_weights
+from tasks.weights import load_weights, random_init_label
 
 
 def import_plugin(name: str, option: str, expected: str) -> Callable[..., Any]:
@@ -60,5 +60,5 @@ def build_network(factory: Callable[..., Any], kwargs: dict, *, name: str, weigh
     if not has_parameters(model):
         return model, name
     if allow_random_weights:
-        return model, f"{RANDOM_INIT}:{name}"
+        return model, random_init_label(name)
     raise RuntimeError(missing)

@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from models.enhancers import BUILTIN, enhance
 from tasks.config import opt
-from tasks.dr2_stage import (
-    DR2Config,
-    DR2Stage,
-    RuntimeConfig,
-    autocast_on,
-    half_dtype,
-    resolve_device,
-    to_model_range,
-    to_uint8,
-)
+from tasks.dr2_stage import DR2Config, DR2Stage
 from tasks.plugins import build_network, import_plugin
+from tasks.runtime import RuntimeConfig, autocast_on, half_dtype, resolve_device, to_model_range, to_uint8
+from tasks.stage import ImageStage, per_row
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +35,15 @@ class EnhancerConfig:
     allow_random_weights: bool = opt(False, "run the enhancer without weights (random-init; demo/tests only)")
 
 
-def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: dict | None = None):
-    """(enhancer, hand-over size or None, weights identity)."""
+class Enhancer(NamedTuple):
+    network: Any  # a torch module or a plug-in callable on (B,3,S,S) in [-1, 1]
+    hand_over: int | None  # DR2's output is clamped and resized to this before the enhancer; None: no hand-over
+    weights: str  # its weights identity (a file's, "random-init...", or the builtin's name)
+
+
+def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: dict | None = None) -> Enhancer:
     if cfg.name in ("none", "bicubic"):
-        return BUILTIN[cfg.name]().to(device), (None if cfg.name == "none" else cfg.size), cfg.name
+        return Enhancer(BUILTIN[cfg.name]().to(device), None if cfg.name == "none" else cfg.size, cfg.name)
     if cfg.name in BUILTIN:
         factory, kwargs = BUILTIN[cfg.name], ({"config": cfg.kwargs} if cfg.kwargs else {})
     else:
@@ -57,10 +56,10 @@ def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: d
                 "restorations")
     if isinstance(model, torch.nn.Module):
         model = model.to(device)
-    return model, cfg.size if cfg.name != "none" else None, identity
+    return Enhancer(model, cfg.size if cfg.name != "none" else None, identity)
 
 
-class RestoreStage:
+class RestoreStage(ImageStage):
     """Shared topology: DR2 and the enhancer in one actor. Adds 'dr2' (uint8 256) and 'restored'."""
 
     def __init__(self, dr2: DR2Config, enhancer: EnhancerConfig, runtime: RuntimeConfig, seed: int,
@@ -72,24 +71,21 @@ class RestoreStage:
         with autocast_on(self.dr2.half):
             return enhance(self.enhancer, x0, self.size)
 
+    def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        s = batch["image"].shape[1]
+        return {"dr2": s, "restored": self.size or s}
+
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok, ids, params = self.dr2.ok_rows(batch)
-        n, s = len(batch["id"]), batch["image"].shape[1]
-        out_size = self.size or s
-        dr2 = np.zeros((n, s, s, 3), np.uint8)
-        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
-        if len(ok):
-            x0 = self.dr2.restore_float(batch["image"][ok], ids, params)
-            dr2[ok] = to_uint8(x0)
-            restored[ok] = to_uint8(self._enhance(x0))
-        batch["dr2"], batch["restored"] = dr2, restored
+    def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        x0 = self.dr2.dr2_x0(batch["image"][ok], *self.dr2.samples(batch, ok))
+        return {"dr2": to_uint8(x0), "restored": to_uint8(self._enhance(x0))}
+
+    def annotate(self, batch: dict[str, np.ndarray]) -> None:
         self.dr2.annotate(batch)
-        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
-        return batch
+        batch["enhancer_weights"] = per_row(batch, self.enhancer_weights)
 
 
-class EnhanceStage:
+class EnhanceStage(ImageStage):
     """Separate topology: the enhancer alone, reading DR2's uint8 intermediate."""
 
     def __init__(self, enhancer: EnhancerConfig, runtime: RuntimeConfig, storage_options: dict | None = None):
@@ -97,16 +93,14 @@ class EnhanceStage:
         self.half = half_dtype(runtime, self.device)  # as the shared topology's enhancer
         self.enhancer, self.size, self.enhancer_weights = build_enhancer(enhancer, self.device, storage_options)
 
+    def output_sizes(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        return {"restored": self.size or batch["dr2"].shape[1]}
+
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.flatnonzero(batch["status"] == "ok")
-        n, s = len(batch["id"]), batch["dr2"].shape[1]
-        out_size = self.size or s
-        restored = np.zeros((n, out_size, out_size, 3), np.uint8)
-        if len(ok):
-            x0 = to_model_range(batch["dr2"][ok], self.device)
-            with autocast_on(self.half):
-                restored[ok] = to_uint8(enhance(self.enhancer, x0, self.size))
-        batch["restored"] = restored
-        batch["enhancer_weights"] = np.array([self.enhancer_weights] * n, dtype=object)
-        return batch
+    def run(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        x0 = to_model_range(batch["dr2"][ok], self.device)
+        with autocast_on(self.half):
+            return {"restored": to_uint8(enhance(self.enhancer, x0, self.size))}
+
+    def annotate(self, batch: dict[str, np.ndarray]) -> None:
+        batch["enhancer_weights"] = per_row(batch, self.enhancer_weights)

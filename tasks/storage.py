@@ -23,12 +23,10 @@ from tasks.faults import RetryConfig, TransientError, is_transient, retry_call
 
 __all__ = [
     "get_fs",
-    "get_pyarrow_fs",
     "is_object_store",
     "join_under",
     "read_sources",
     "redact",
-    "to_pyarrow_fs",
     "write_bytes",
 ]
 
@@ -198,18 +196,3 @@ def redact(options: Mapping | None) -> dict:
         return value
 
     return walk(dict(options or {}), False)
-
-
-def to_pyarrow_fs(fs: fsspec.AbstractFileSystem):
-    """pyarrow view of an fsspec filesystem (what Ray Data's `filesystem=` and pyarrow.dataset take)."""
-    import pyarrow.fs as pafs
-
-    if isinstance(fs, LocalFileSystem):
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def get_pyarrow_fs(uri: str, storage_options: dict | None = None):
-    """(pyarrow filesystem, path) from the same settings as get_fs."""
-    fs, path = get_fs(uri, storage_options)
-    return to_pyarrow_fs(fs), path

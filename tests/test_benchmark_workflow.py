@@ -44,6 +44,10 @@ def test_benchmark_end_to_end(ray_local, tmp_path):
     assert benchmark(args) == 0
     df = read_manifest(str(out))
     assert len(df) == 9 and sorted(df["method"].unique()) == ["dr2", "dr2+bicubic", "input"]
+    # the summary names the same random-init DR2 network as its rows ("<dr2 identity>+<enhancer identity>")
+    label = json.loads((out / "_summary.json").read_text())["weights"]
+    assert label == "random-init:tiny"
+    assert all(w.split("+")[0] == label for w in df.loc[df["method"] != "input", "weights"])
     assert (df["status"] == "ok").all() and df["ids"].isna().all()  # no ArcFace weights: no number
     # the input row's PSNR equals an independent computation on the written images
     for _, row in df[df["method"] == "input"].iterrows():

@@ -6,8 +6,9 @@ import torch
 
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, build_dr2_unet, to_model_range, to_uint8
+from tasks.dr2_stage import DR2Config, DR2Stage, build_dr2_unet, dr2_random_label
 from tasks.load_stage import draw_params
+from tasks.runtime import RuntimeConfig, to_model_range, to_uint8
 from tasks.weights import RANDOM_INIT
 
 
@@ -53,8 +54,8 @@ def test_error_rows_pass_through_without_compute(stage, monkeypatch):
     batch = _batch()
     batch["status"] = np.array(["ok", "error", "ok", "error"], dtype=object)
     seen = []
-    real = stage.restore
-    monkeypatch.setattr(stage, "restore", lambda images, ids, params: seen.append(ids) or real(images, ids, params))
+    real = stage.dr2_uint8
+    monkeypatch.setattr(stage, "dr2_uint8", lambda images, ids, params: seen.append(ids) or real(images, ids, params))
     out = stage(dict(batch))
     assert seen == [["dir/face_0.png", "dir/face_2.png"]]
     assert not out["dr2"][1].any() and not out["dr2"][3].any() and out["omega"][1] == -1
@@ -67,6 +68,14 @@ def test_refuses_to_run_without_weights_unless_allowed():
         build_dr2_unet(DR2Config())
     with pytest.raises(ValueError, match="architecture"):
         build_dr2_unet(DR2Config(architecture="big", allow_random_weights=True))
+
+
+def test_random_init_label_is_the_one_the_network_builder_records():
+    for arch, label in (("tiny", "random-init:tiny"), ("ffhq256", "random-init")):
+        cfg = DR2Config(allow_random_weights=True, architecture=arch)
+        assert dr2_random_label(cfg) == label
+        if arch == "tiny":  # the full-size UNet is too big to build here just for its label
+            assert build_dr2_unet(cfg)[1] == label
 
 
 def test_full_size_checkpoint_loads_strictly_through_the_stage_builder(tmp_path):
@@ -113,7 +122,7 @@ def test_compiled_network_is_one_fixed_shape_graph_with_eager_results(stage, mon
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from tasks.dr2_stage import NetworkHost
+    from tasks.runtime import NetworkHost
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")  # dynamo's real tracing, without minutes of codegen on CPU
@@ -149,7 +158,7 @@ def test_a_sample_does_not_depend_on_the_n_tau_of_its_batch_mates(stage):
     ids = [f"mix/{k}.png" for k in range(6)]
     params = [DR2Params.of(n, t) for n, t in [(4, 10), (2, 12), (8, 11), (4, 13), (16, 9), (2, 10)]]
     with torch.inference_mode():
-        together = stage.restore_float(images, ids, params)
+        together = stage.dr2_x0(images, ids, params)
         for k in range(6):
-            alone = stage.restore_float(images[k:k + 1], ids[k:k + 1], params[k:k + 1])
+            alone = stage.dr2_x0(images[k:k + 1], ids[k:k + 1], params[k:k + 1])
             assert torch.equal(alone[0], together[k]), f"sample {k} changed with its batch mates"

@@ -24,9 +24,9 @@ from models.dynamic import (
 from models.guidance import blur
 from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel
-from tasks.dr2_stage import RuntimeConfig
 from tasks.images import resize_to
 from tasks.manifest import read_manifest
+from tasks.runtime import RuntimeConfig
 from tests.helpers import randomize_parameters, tiny_unet
 from tests.vectors import VECTORS, config, vector
 
@@ -410,7 +410,7 @@ def test_dynamic_stage_diffuses_dr2_x0hat_by_default_and_the_input_only_when_ask
     from models.diffusion import dr2_schedule
     from models.dr2 import DR2Params, dr2_sample
     from models.noise import derive_seed
-    from tasks.dr2_stage import to_model_range
+    from tasks.runtime import to_model_range
 
     spy = SpySample()
     monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
@@ -450,8 +450,9 @@ def test_dynamic_stage_difface_convention_and_a_separate_dr2_mapper(monkeypatch)
     from models.diffusion import dr2_schedule
     from models.dr2 import DR2Params, dr2_sample
     from models.noise import derive_seed
-    from tasks.dr2_stage import DR2Config, to_model_range
+    from tasks.dr2_stage import DR2Config
     from tasks.dynamic_stage import DynamicConfig, DynamicStage
+    from tasks.runtime import to_model_range
 
     spy = SpySample()
     monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
@@ -603,9 +604,9 @@ def test_restore_workflow_with_method_dynamic(ray_local, tmp_path):
 
 
 def test_benchmark_stage_runs_dynamic_methods_both_ways_side_by_side(monkeypatch):
-    from tasks.benchmark_stage import MetricsConfig
+    from tasks.benchmark_stage import DynamicBenchmarkStage, MetricsConfig, parse_methods_with_dynamic
     from tasks.dr2_stage import DR2Config
-    from tasks.dynamic_stage import DynamicBenchmarkStage, DynamicConfig, parse_methods_with_dynamic
+    from tasks.dynamic_stage import DynamicConfig
     from tasks.restore_stage import EnhancerConfig
 
     methods = [{"name": "input"}, {"name": "dyn", "dynamic": True},

@@ -169,9 +169,14 @@ def test_summary_counts_a_restarted_actor_once_and_drain_logs_progress(caplog):
     assert s.model_actors == 1 and s.restarted_actors == 1 and s.actor_utilisation == pytest.approx(0.8)
     assert "+1 restarted" in s.text()
 
-    class SlowDataset:
+    def heartbeats() -> int:
+        return sum("running" in r.message and "committed" in r.message for r in caplog.records)
+
+    class SlowDataset:  # a stage that takes a while: its one batch comes after two heartbeats (on any machine load)
         def iter_batches(self, **_):
-            time.sleep(0.35)
+            deadline = time.monotonic() + 30
+            while heartbeats() < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             yield {"ok": np.array([1]), "error": np.array([0]), "transient": np.array([2]),
                    "shard": np.array(["s"], dtype=object), "kinds": np.array(['{"read_transient": 2}']),
                    "busy": np.array(["{}"])}
@@ -179,7 +184,7 @@ def test_summary_counts_a_restarted_actor_once_and_drain_logs_progress(caplog):
     caplog.set_level(logging.INFO, logger="tasks.pipeline")
     s = drain(SlowDataset(), Summary("augment", "/tmp/x"), heartbeat_s=0.1)
     assert (s.ok, s.transient, s.error_kinds) == (1, 2, {"read_transient": 2})
-    assert sum("running" in r.message and "committed" in r.message for r in caplog.records) >= 2
+    assert heartbeats() >= 2
     assert "INCOMPLETE: 2 samples failed transiently" in s.text()
 
 

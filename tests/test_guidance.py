@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from models.guidance import (
     GuidanceSolver,
     ScaleMapNet,
-    _closed_form_circular,
     _gaussian_otf_r,
     _pad,
     _pad_index,
@@ -43,6 +42,11 @@ def circ_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         for b in range(kw):
             y = y + k[a, b] * torch.roll(x, shifts=(a - kh // 2, b - kw // 2), dims=(-2, -1))
     return y
+
+
+def closed_form_circular(x0, guides, sigmas, gamma):
+    """The solve in the pure circular model (no padding): exact for circular convolution."""
+    return closed_form_guidance(x0, guides, sigmas, gamma, pad="circular")
 
 
 def circ_conv_T(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -211,7 +215,7 @@ def _problem(B=2, G=3, C=2, H=16, W=18, seed=3):
 def test_closed_form_solves_normal_equations():
     x0, guides, gamma = _problem()
     sigmas = torch.tensor([[0.8, 1.5, 0.0], [2.0, 0.5, 3.0]], dtype=D)  # 3.0: 19x19 kernel on 16x18 wraps
-    X = _closed_form_circular(x0, guides, sigmas, gamma)
+    X = closed_form_circular(x0, guides, sigmas, gamma)
     for b in range(2):
         lhs, rhs = X[b].clone(), x0[b].clone()
         for g in range(3):
@@ -225,7 +229,7 @@ def test_closed_form_solves_normal_equations():
 def test_closed_form_is_the_minimiser():
     x0, guides, gamma = _problem(C=1, H=12, W=12)
     sigmas = torch.tensor([[1.0, 2.0, 0.6], [0.4, 1.2, 1.8]], dtype=D)
-    X = _closed_form_circular(x0, guides, sigmas, gamma)
+    X = closed_form_circular(x0, guides, sigmas, gamma)
     j0 = objective(X, x0, guides, sigmas, gamma)
     g = torch.Generator().manual_seed(4)
     for scale in (1e-3, 1e-2, 1e-1):
@@ -241,7 +245,7 @@ def test_padded_solve_is_circular_solve_on_reflect_padded_input():
     X = closed_form_guidance(x0, guides, sigmas, gamma)
     xp = F.pad(x0, (p,) * 4, mode="reflect")
     yp = F.pad(guides[0], (p,) * 4, mode="reflect")[None]
-    ref = _closed_form_circular(xp, yp, sigmas, gamma)[..., p:-p, p:-p]
+    ref = closed_form_circular(xp, yp, sigmas, gamma)[..., p:-p, p:-p]
     assert float((X - ref).abs().max()) < 1e-12
 
 
@@ -326,7 +330,7 @@ def test_large_gamma_recovers_the_visible_frequencies():
     visible = K.abs() > 0.1
     errs = []
     for gam in (1e2, 1e4, 1e6):
-        X = _closed_form_circular(x0, y, torch.tensor([[sigma]]), torch.tensor([[gam]]))
+        X = closed_form_circular(x0, y, torch.tensor([[sigma]]), torch.tensor([[gam]]))
         diff = (torch.fft.fft2(X) - torch.fft.fft2(x_true)).abs()[..., visible]
         errs.append(float(diff.max() / torch.fft.fft2(x_true).abs().max()))
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-3, errs
@@ -437,5 +441,9 @@ def test_apply_scale_map_and_protocol():
         def __call__(self, image):
             return torch.sigmoid(image.mean(1, keepdim=True))
 
-    assert isinstance(Net(), ScaleMapNet)
-    assert isinstance(guidance_scale_map, ScaleMapNet)
+    # either map is a ScaleMapNet: (B, 1, H, W) in [0, 1] from the image, usable by apply_scale_map
+    maps: list[ScaleMapNet] = [Net(), guidance_scale_map]
+    for net in maps:
+        m = net(x0)
+        assert m.shape == (2, 1, 8, 8) and m.min() >= 0 and m.max() <= 1
+        assert torch.allclose(apply_scale_map(x0, X, m), (1 - m) * x0 + m * X, atol=1e-6)

@@ -113,9 +113,9 @@ def test_per_sample_settings_from_an_input_list(ray_local, tmp_path):
 def test_timed_stage_records_busy_time_per_actor_across_stages():
     import time
 
-    from tasks.dr2_stage import NETWORK_CLOCK
     from tasks.manifest import BUSY_COLUMN, busy_by_actor
     from tasks.pipeline import NETWORK_PREFIX, timed
+    from tasks.runtime import NETWORK_CLOCK
 
     class Slow:
         def __init__(self, pause: float):
@@ -137,12 +137,13 @@ def test_timed_stage_records_busy_time_per_actor_across_stages():
     assert all(v.count(";") == 1 for v in out[BUSY_COLUMN])  # both stages on every row
     busy = busy_by_actor(out[BUSY_COLUMN])
     assert len(busy) == 1  # same process: one actor id (Slow@host:pid), both calls summed
-    assert 0.3 <= sum(busy.values()) < 0.6
+    # sleeps last at least their pause (a busy machine only adds): lower bounds and differences, no windows
+    assert sum(busy.values()) >= 0.3
     # a stage that runs a network also records its forward time, under "network:<actor>"
     busy = busy_by_actor(third({"id": np.array(["a", "b"])})[BUSY_COLUMN])
     (actor, stage), (net_actor, network) = sorted(busy.items(), key=lambda kv: kv[0].startswith(NETWORK_PREFIX))
     assert net_actor == NETWORK_PREFIX + actor and actor.startswith("WithNetwork@")
-    assert 0.29 <= stage < 0.45 and 0.09 <= network < 0.2
+    assert network >= 0.099 and stage - network >= 0.199  # the forward is inside the stage, the plain sleep not
 
 
 def test_enhancer_result_does_not_depend_on_its_batch_on_cpu():

@@ -1,16 +1,14 @@
 import os
-import pickle
 import posixpath
 import random
 import threading
 
 import fsspec
-import pyarrow.fs as pafs
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 import tasks.storage as storage
-from tasks.storage import get_fs, get_pyarrow_fs, join_under, redact, to_pyarrow_fs, write_bytes
+from tasks.storage import get_fs, join_under, redact, write_bytes
 
 # ---------------------------------------------------------------- join_under
 
@@ -205,8 +203,6 @@ def test_get_fs_local(tmp_path, monkeypatch):
     assert path == f"{tmp_path}/rel/dir/file.png"
     fs2, path2 = get_fs(f"file://{tmp_path}/x.png")
     assert isinstance(fs2, LocalFileSystem) and path2 == f"{tmp_path}/x.png"
-    pa, p = get_pyarrow_fs(str(tmp_path))
-    assert isinstance(pa, pafs.LocalFileSystem) and p == str(tmp_path)
 
 
 def test_get_fs_s3_round_trip(s3_server):
@@ -248,21 +244,6 @@ def test_endpoint_in_client_kwargs(s3_server):
     fs, path = get_fs(f"s3://{bucket}/x.bin", opts)
     write_bytes(fs, path, b"ok")
     assert fs.cat_file(path) == b"ok"
-
-
-def test_pyarrow_fs_over_s3_is_picklable(s3_server):
-    bucket = s3_server.new_bucket("pyarrow")
-    fs, base = get_fs(f"s3://{bucket}/imgs", s3_server.storage_options)
-    for k in ("1.png", "2.png"):
-        write_bytes(fs, join_under(base, k), k.encode())
-    pa, path = get_pyarrow_fs(f"s3://{bucket}/imgs", s3_server.storage_options)
-    assert path == f"{bucket}/imgs"
-    pa = pickle.loads(pickle.dumps(pa))  # Ray ships the filesystem to workers
-    infos = pa.get_file_info(pafs.FileSelector(path, recursive=True))
-    assert sorted(i.path for i in infos) == [f"{bucket}/imgs/1.png", f"{bucket}/imgs/2.png"]
-    with pa.open_input_stream(f"{bucket}/imgs/2.png") as f:
-        assert f.read() == b"2.png"
-    assert isinstance(to_pyarrow_fs(fs), pafs.PyFileSystem)
 
 
 # ---------------------------------------------------------------- redact

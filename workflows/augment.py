@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -43,7 +43,8 @@ from tasks.pipeline import (
     warn_random,
     write_and_commit,
 )
-from tasks.weights import RANDOM_INIT, check_weights
+from tasks.runtime import RuntimeConfig
+from tasks.weights import check_weights
 
 log = logging.getLogger("augment")
 
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
         return 2
     version = code_version()
-    random_label = RANDOM_INIT + (":tiny" if cfg.dr2.architecture == "tiny" else "")
-    summary = Summary("augment", cfg.output, weights=weights or random_label, code_version=version,
+    summary = Summary("augment", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,
                       config_hash=config_hash(cfg))
     if not weights:
         warn_random(summary, "RANDOM-INIT DR2 NETWORK: no weights were given, so every LQ image is the output of "

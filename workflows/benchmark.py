@@ -36,20 +36,17 @@ from tasks.benchmark_stage import (
     BenchmarkStage,
     DegradationConfig,
     Degrade,
+    DynamicBenchmarkStage,
     MetricsConfig,
+    check_dynamic_methods,
     fid_scores,
+    has_dynamic,
     load_references,
     plugin_report_info,
 )
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, RuntimeConfig, check_dr2_params
-from tasks.dynamic_stage import (
-    DYNAMIC_COLUMNS,
-    DynamicBenchmarkStage,
-    DynamicConfig,
-    check_dynamic_methods,
-    has_dynamic,
-)
+from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label
+from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
@@ -74,7 +71,8 @@ from tasks.pipeline import (
 )
 from tasks.report import write_report
 from tasks.restore_stage import EnhancerConfig
-from tasks.weights import RANDOM_INIT, check_weights
+from tasks.runtime import RuntimeConfig
+from tasks.weights import check_weights
 from tasks.write_stage import WriteImages
 
 log = logging.getLogger("benchmark")
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                   "pipeline demo whose DR2 numbers are NOT those of DR2")
         return 2
     version = code_version()
-    summary = Summary("benchmark", cfg.output, weights=weights or RANDOM_INIT, code_version=version,
+    summary = Summary("benchmark", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,
                       config_hash=config_hash(cfg))
     if not weights:
         warn_random(summary, "RANDOM-INIT DR2: the DR2 methods' numbers describe an untrained network, not DR2.")

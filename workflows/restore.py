@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import pyarrow as pa
 
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, RuntimeConfig, check_dr2_params
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
 from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
@@ -62,8 +62,9 @@ from tasks.pipeline import (
     write_and_commit,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.runtime import RuntimeConfig
 from tasks.upsample import resolve_upscale, runs_network
-from tasks.weights import RANDOM_INIT, check_weights
+from tasks.weights import check_weights, random_init_label
 from tasks.write_stage import WriteImages
 
 log = logging.getLogger("restore")
@@ -255,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
         return 2
     version = code_version()
-    random_label = RANDOM_INIT + (f":{cfg.dynamic.prior}" if cfg.method == "dynamic"
-                                  else ":tiny" if cfg.dr2.architecture == "tiny" else "")
+    random_label = random_init_label(cfg.dynamic.prior) if cfg.method == "dynamic" else dr2_random_label(cfg.dr2)
     summary = Summary("restore", cfg.output, weights=weights or random_label, code_version=version,
                       config_hash=config_hash(cfg))
     net_name = "DYNAMIC PRIOR" if cfg.method == "dynamic" else "DR2"
