@@ -119,23 +119,25 @@ def compact_manifest(output: str, storage_options: dict | None = None, retry: Re
     """Rewrite every shard holding a superseded row (a sample committed again later: --resume.retry-errors)
     without it, so that a plain Parquet read sees each sample once. The newer row is committed before the
     older one is removed, so no committed sample is ever without a row. Returns the rows removed."""
-    probe = _read_shards(output, storage_options, None)
+    fs, paths = _shard_paths(output, storage_options)
+    if not paths:
+        return 0
+    with fs.open(paths[0], "rb") as f:  # only the key columns are read to find superseded rows
+        key = ["id", "method"] if "method" in pq.read_schema(f).names else ["id"]
+    probe = _read_shards(output, storage_options, [*key, "processed_at"])
     if not probe:
         return 0
-    df = pd.concat(probe, ignore_index=True)
-    key = _row_key(df)
-    df = df.sort_values(["processed_at", "_shard"], kind="stable")
+    df = pd.concat(probe, ignore_index=True).sort_values(["processed_at", "_shard"], kind="stable")
     stale = df[df.duplicated(key, keep="last")]
-    fs, _ = get_fs(manifest_prefix(output), storage_options)
     for path, rows in stale.groupby("_shard"):
-        shard = next(f for f in probe if f["_shard"].iat[0] == path).drop(columns="_shard")
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        shard = table.to_pandas()
         drop = set(map(tuple, rows[key].astype(str).to_numpy()))
         keep = shard[[tuple(r) not in drop for r in shard[key].astype(str).to_numpy()]]
         if len(keep):
-            with fs.open(path, "rb") as f:
-                schema = pq.read_schema(f)
-            write_shard(pa.Table.from_pandas(keep, schema=schema, preserve_index=False), output, storage_options,
-                        retry, name=path.rsplit("/", 1)[-1])
+            write_shard(pa.Table.from_pandas(keep, schema=table.schema, preserve_index=False), output,
+                        storage_options, retry, name=path.rsplit("/", 1)[-1])
         else:
             retry_call(lambda path=path: fs.rm(path), f"removing {path}", retry, kind="write_transient")
         log.info("manifest compaction: %d superseded row(s) removed from %s", len(rows), path)
