@@ -507,7 +507,7 @@ def render_table(rows: list[Run]) -> str:
 
 
 COLUMNS = """table: mode (pipeline = workflows.augment end to end; pipeline-marginal = (10N - N) images over the extra
-seconds the 10N run took, i.e. without the fixed start-up and drain cost; model-only = DR2Stage.restore over all
+seconds the 10N run took, i.e. without the fixed start-up and drain cost; model-only = DR2Stage.dr2_uint8 over all
 batches); images; seconds (pipeline: drain time from _summary.json; model-only: the timed loop); images/s; ratio
 (images/s over model-only's); mem_MiB / rss_MiB (peak of the summed --mem-metric / RSS of this process and every
 Ray process, above the idle level just before the run); store_MiB (peak bytes in Ray's object store in the run);
@@ -718,9 +718,9 @@ def _run(args: argparse.Namespace) -> dict:
         "read/decode/resize + DR2 + blur/PNG/write + manifest; not listing/planning. "
         + (f"Untimed warm-up run first ({warm_n} images, {warm_s:.1f} s): Ray worker start-up is not in the figures."
          if warm_n else "No warm-up run: Ray worker start-up IS in the first pipeline figure."),
-        f"model-only seconds = DR2Stage.restore over {len(model.ids)} pre-decoded images in batches of {batch}, after "
-        f"{args.model_warmup} untimed batch(es); model build {model.build_s:.1f} s not included; read+decode+resize "
-        f"beforehand: {1e3 * model.decode_s_per_image:.1f} ms/image (this process)",
+        f"model-only seconds = DR2Stage.dr2_uint8 over {len(model.ids)} pre-decoded images in batches of {batch}, "
+        f"after {args.model_warmup} untimed batch(es); model build {model.build_s:.1f} s not included; "
+        f"read+decode+resize beforehand: {1e3 * model.decode_s_per_image:.1f} ms/image (this process)",
     ]
     print("\n".join(header))
     print(render_table(table))
