@@ -34,6 +34,7 @@ ERROR_KINDS = {
     "too_large": "more pixels than image.max_pixels",
     "too_small": "a side below image.min_side",
     "not_square": "an aligned face that is not square (image.non_square: error)",
+    "bad_params": "per-sample N or tau (from the input list) that DR2 cannot run at the model size",
     "unsafe_key": "the output key derived from the id would leave the output prefix",
     "duplicate_name": "another input already takes this output name",
     "model": "the model stage failed on this sample",

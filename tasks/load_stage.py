@@ -58,6 +58,7 @@ class LoadFaces:
                 images[k] = face
         out["image"] = images
         out.update(param_columns(batch, self.specs, self.job_seed))
+        refuse_bad_dr2_params(out, size)
         return out
 
 
@@ -95,6 +96,20 @@ def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.n
                error=np.array(error, dtype=object), src_format=np.array(fmt, dtype=object),
                src_converted=np.array(conv, dtype=object), src_width=width, src_height=height)
     return pixels, out
+
+
+def refuse_bad_dr2_params(out: dict[str, np.ndarray], size: int) -> None:
+    """Per-sample (N, tau) from an input list that DR2 cannot run at this size become that sample's error row
+    (kind bad_params), instead of failing its whole batch in the model actor. Configured values were checked on
+    the driver already."""
+    if "N" not in out or "tau" not in out:
+        return
+    for k in np.flatnonzero(out["status"] == "ok"):
+        n, tau = int(out["N"][k]), int(out["tau"][k])
+        why = (f"N={n} must be a positive divisor of the model size {size}" if n < 1 or size % n else
+               f"tau={tau} must be a diffusion step 0..99" if not 0 <= tau <= 99 else "")
+        if why:
+            out["status"][k], out["error_kind"][k], out["error"][k] = "error", "bad_params", why
 
 
 def param_columns(batch: dict[str, np.ndarray], specs: dict[str, Sampled], job_seed: int) -> dict[str, np.ndarray]:

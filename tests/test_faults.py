@@ -372,3 +372,20 @@ def test_retry_errors_leaves_each_id_once_in_a_plain_read(ray_local, tmp_path):
     plain = pd.read_parquet(out / "manifest")
     assert sorted(plain["id"]) == ["a.jpg", "a.png", "broken.png"] and (plain["status"] == "ok").all()
     assert set(BASE_SCHEMA.names) <= set(plain.columns)
+
+
+def test_per_sample_dr2_params_from_a_list_that_cannot_run_are_error_rows():
+    from tasks.config import Sampled
+    from tasks.load_stage import ImageConfig, LoadFaces
+
+    n = 3
+    src = str(SAMPLES / "256.png")
+    batch = {"id": np.array([f"f{k}" for k in range(n)], dtype=object), "source": np.array([src] * n, dtype=object),
+             "stem": np.array([f"f{k}" for k in range(n)], dtype=object),
+             "key_error": np.array([""] * n, dtype=object), "key_error_kind": np.array([""] * n, dtype=object),
+             "N": np.array([4, 3, 4]), "tau": np.array([22, 10, 150])}
+    load = LoadFaces(ImageConfig(size=64), {"N": Sampled((4,)), "tau": Sampled((22,))}, job_seed=0)
+    out = load(batch)
+    assert list(out["status"]) == ["ok", "error", "error"]
+    assert list(out["error_kind"]) == ["", "bad_params", "bad_params"]
+    assert "N=3 must be a positive divisor of the model size 64" in out["error"][1] and "tau=150" in out["error"][2]
