@@ -6,6 +6,7 @@ reason and a zero image, so the manifest accounts for every input and the job ne
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from models.noise import derive_seed
 from tasks.config import Sampled, opt
 from tasks.faults import RetryConfig, SampleError, row_failure
 from tasks.images import decode_image, prepare_face
+from tasks.listing import list_inputs
 from tasks.storage import read_sources
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,22 @@ def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.n
                error=np.array(error, dtype=object), src_format=np.array(fmt, dtype=object),
                src_converted=np.array(conv, dtype=object), src_width=width, src_height=height)
     return pixels, out
+
+
+def load_in_process(spec: str, image: ImageConfig, storage_options: dict | None, batch_size: int):
+    """Every input of `spec` read and decoded here, without Ray (for the small reference-building commands):
+    yields the load stage's batches, `batch_size` rows each, after logging the rows that could not be used."""
+    samples = list_inputs(spec, storage_options, tuple(image.extensions)).samples
+    if samples.empty:
+        raise ValueError(f"no images under {spec}")
+    load = LoadFaces(image, specs={}, job_seed=0, storage_options=storage_options)
+    for start in range(0, len(samples), batch_size):
+        part = samples.iloc[start : start + batch_size]
+        batch = load({c: part[c].to_numpy() for c in part.columns})
+        for k in np.flatnonzero(batch["status"] != "ok"):
+            log.warning("skipped %s: %s", batch["id"][k], batch["error"][k])
+        log.info("%d / %d images", min(start + batch_size, len(samples)), len(samples))
+        yield batch
 
 
 def refuse_bad_dr2_params(out: dict[str, np.ndarray], size: int) -> None:

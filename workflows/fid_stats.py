@@ -25,12 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from tasks.config import load, opt
-from tasks.listing import list_inputs
-from tasks.load_stage import ImageConfig, LoadFaces
+from tasks.load_stage import ImageConfig, load_in_process
 from tasks.metrics import FID_METRICS, FID_NETWORKS, FIDStats, fid_reference_npz
 from tasks.storage import get_fs, write_bytes
 from tasks.weights import RANDOM_INIT
@@ -57,23 +55,14 @@ def compute_stats(cfg: FIDStatsConfig) -> tuple[FIDStats, int, str]:
     if cfg.protocol not in FID_METRICS:
         raise ValueError(f"protocol must be one of {list(FID_METRICS)}, got {cfg.protocol!r}")
     so = cfg.storage_options or None
-    samples = list_inputs(cfg.input, so, tuple(cfg.image.extensions)).samples
-    if samples.empty:
-        raise ValueError(f"no images under {cfg.input}")
     net = FID_NETWORKS[cfg.protocol](cfg.weights, device=cfg.device, sha256=cfg.sha256, storage_options=so)
-    load = LoadFaces(cfg.image, specs={}, job_seed=0, storage_options=so)
     stats, skipped = FIDStats(), 0
-    for start in range(0, len(samples), cfg.batch_size):
-        part = samples.iloc[start : start + cfg.batch_size]
-        batch = load({c: part[c].to_numpy() for c in part.columns})
+    for batch in load_in_process(cfg.input, cfg.image, so, cfg.batch_size):
         ok = batch["status"] == "ok"
-        for k in np.flatnonzero(~ok):
-            log.warning("skipped %s: %s", batch["id"][k], batch["error"][k])
         skipped += int((~ok).sum())
         if ok.any():
             x = torch.from_numpy(batch["image"][ok]).permute(0, 3, 1, 2).float() / 255.0
             stats.update(net(x))
-        log.info("%d / %d images", min(start + cfg.batch_size, len(samples)), len(samples))
     if stats.count < 2:
         raise ValueError(f"FID statistics need at least 2 readable images, got {stats.count} from {cfg.input}")
     return stats, skipped, net.weights_identity

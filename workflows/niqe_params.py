@@ -23,8 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import numpy as np
 
 from tasks.config import load, opt
-from tasks.listing import list_inputs
-from tasks.load_stage import ImageConfig, LoadFaces
+from tasks.load_stage import ImageConfig, load_in_process
 from tasks.niqe import SHARPNESS_THRESHOLD, fit_pristine, luma
 from tasks.storage import get_fs, write_bytes
 
@@ -44,20 +43,10 @@ class NIQEParamsConfig:
 
 def read_lumas(cfg: NIQEParamsConfig):
     """Yield the luma of every readable image (unreadable ones are logged and skipped)."""
-    so = cfg.storage_options or None
-    samples = list_inputs(cfg.input, so, tuple(cfg.image.extensions)).samples
-    if samples.empty:
-        raise ValueError(f"no images under {cfg.input}")
-    load = LoadFaces(cfg.image, specs={}, job_seed=0, storage_options=so)
-    for start in range(0, len(samples), cfg.batch_size):
-        part = samples.iloc[start : start + cfg.batch_size]
-        batch = load({c: part[c].to_numpy() for c in part.columns})
-        for k in range(len(part)):
+    for batch in load_in_process(cfg.input, cfg.image, cfg.storage_options or None, cfg.batch_size):
+        for k in range(len(batch["id"])):
             if batch["status"][k] == "ok":
                 yield luma(batch["image"][k])
-            else:
-                log.warning("skipped %s: %s", batch["id"][k], batch["error"][k])
-
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
