@@ -148,9 +148,9 @@ def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def parquet_bytes(rows: pa.Table, images: dict[str, list[bytes | None]], paths: dict[str, list[str]]) -> bytes:
-    """The manifest rows plus one Hugging Face Image column per output image, with the `features` metadata
-    `datasets` reads (so Dataset.from_parquet decodes them as images)."""
-    table = rows
+    """The manifest rows with each output image's column (its URI there) holding the image itself, as a
+    Hugging Face Image struct, with the `features` metadata `datasets` reads (Dataset.from_parquet decodes them)."""
+    table = rows.drop_columns([n for n in images if n in rows.column_names])
     for name, data in images.items():
         table = table.append_column(pa.field(name, HF_IMAGE), pa.array(
             [None if d is None else {"bytes": d, "path": p} for d, p in zip(data, paths[name])], type=HF_IMAGE))

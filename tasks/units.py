@@ -91,8 +91,14 @@ def shard_input_kind(spec: str, storage_options: dict | None) -> str | None:
             return kind
     if any(c in path for c in "*?[{"):
         return None
-    if fs.isdir(path):
-        names = [p for p in fs.ls(path, detail=False)][:1000]
+    if fs.isdir(path):  # the first level with files decides (folders of shards are common); bounded probes
+        for _ in range(4):
+            entries = fs.ls(path, detail=True)[:1000]
+            names = [e["name"] for e in entries if e["type"] != "directory"]
+            folders = [e["name"] for e in entries if e["type"] == "directory"]
+            if names or not folders:
+                break
+            path = sorted(folders)[0]
         kinds = {kind for p in names for ext, kind in SHARD_INPUTS.items() if p.endswith(ext)}
         images = [p for p in names if p.lower().rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp", "bmp")]
         if len(kinds) == 1 and not images:
