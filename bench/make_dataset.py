@@ -104,14 +104,19 @@ def write_shard(args: tuple) -> int:
     out, fmt, shard, start, stop, kind, size, seed, storage_options = args
     import fsspec
 
+    from tasks.storage import is_object_store
+
     uri = shard_uri(out, fmt, shard)
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    folders = not is_object_store(fs)  # s3fs.makedirs would cost a HeadBucket request per shard for nothing
     if fmt == "files":
-        fs.makedirs(path, exist_ok=True)
+        if folders:
+            fs.makedirs(path, exist_ok=True)
         for i in range(start, stop):
             fs.pipe_file(f"{path}/{i:09d}.png", payload(i, kind, size, seed))
         return stop - start
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    if folders:
+        fs.makedirs(fs._parent(path), exist_ok=True)
     if fmt == "webdataset":
         members = []
         for i in range(start, stop):

@@ -124,8 +124,15 @@ def test_wrong_options_refused(tmp_path, capsys):
 
 
 def test_writes_to_s3(s3_server):
+    import fsspec
+
+    from bench.count_requests import count_requests
+
     fs, bucket = s3_server.fs(), s3_server.new_bucket("synthetic")
-    make_dataset(f"s3://{bucket}/wds", 12, "webdataset", 5, 16, storage_options=s3_server.storage_options)
+    writer_fs = fsspec.core.url_to_fs(f"s3://{bucket}/wds", **s3_server.storage_options)[0]  # the cached instance
+    with count_requests(writer_fs) as counts:
+        make_dataset(f"s3://{bucket}/wds", 12, "webdataset", 5, 16, storage_options=s3_server.storage_options)
+    assert dict(counts.by_operation) == {"PutObject": 3}  # one put per small shard, nothing else
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/wds", refresh=True)) == \
         ["faces-00000.tar", "faces-00001.tar", "faces-00002.tar"]
     with tarfile.open(fileobj=io.BytesIO(fs.cat(f"{bucket}/wds/faces-00002.tar"))) as tar:
