@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.count_requests import count_requests
 from tasks.manifest import write_shard
+from tasks.storage import get_fs
 from workflows.export_basicsr import ExportConfig, export, main, pair_names
 
 # (id, status): the two ids that sanitise to the same name, an error row (never exported), a nested id
@@ -181,7 +183,11 @@ def test_webdataset_output_on_s3(s3_server, tmp_path):
     fs.put(str(tmp_path / "faces-00000-00000.tar"), shard)
     manifest_rows(uri, rows, s3_server.storage_options)
     dest = tmp_path / "basicsr"
-    exported, failures = export(ExportConfig(input=uri, dest=str(dest), storage_options=s3_server.storage_options))
+    reader = get_fs(uri, s3_server.storage_options)[0]  # the cached instance export() reads through
+    with count_requests(reader) as counts:
+        exported, failures = export(ExportConfig(input=uri, dest=str(dest), storage_options=s3_server.storage_options))
     assert (exported, failures) == (4, [])
+    # one listing of manifest/, one GET of its shard and ONE of the tar (streamed, not fetched per member)
+    assert counts.by_kind["LIST"] == 1 and counts.by_operation["GetObject"] == 2, counts.by_operation
     for gt, lq in basicsr_pairs(dest):
         assert gt.is_file() and lq.is_file()
