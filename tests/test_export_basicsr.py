@@ -89,14 +89,16 @@ def make_webdataset_output(root: Path) -> str:
 
 
 def make_parquet_output(root: Path) -> str:
+    """Manifest columns in the shards (id, status) plus hq / lq Image structs, as tasks/units.py writes them."""
     shards = [root / "shards" / f"chunk-{k}.parquet" for k in range(2)]  # two shards: rows spread over both
     shards[0].parent.mkdir(parents=True)
     rows, by_shard = [], {0: [], 1: []}
     for k, (sid, status) in enumerate(IDS):
         s = k % 2
         row = {"id": sid, "status": status, "shard": str(shards[s]), "key": f"{k:06d}"}
-        if status == "ok":
-            row.update(hq=f"{shards[s]}#hq", lq=f"{shards[s]}#lq")
+        if status == "ok":  # references name the column in one shard, the member-style path in the other
+            ref = "{}" if s else f"{row['key']}.{{}}.png"
+            row.update(hq=f"{shards[s]}#{ref.format('hq')}", lq=f"{shards[s]}#{ref.format('lq')}")
         rows.append(row)
         by_shard[s].append(row)
     for s, shard_rows in by_shard.items():

@@ -103,12 +103,10 @@ def as_png(data: bytes, what: str) -> bytes:
     return buf.tobytes()
 
 
-def _member(row, name: str) -> str:
-    """The tar member / parquet column holding image `name` of a shard-format row."""
+def _ref(row, name: str) -> str:
+    """What follows "#" in a shard-format row's image reference "<shard uri>#<member or column>", else ""."""
     ref = row.get(name)
-    if isinstance(ref, str) and "#" in ref:  # "<shard uri>#<member or column>"
-        return ref.rsplit("#", 1)[1]
-    return f"{row['key']}.{name}.png" if str(row["shard"]).endswith(".tar") else name
+    return ref.rsplit("#", 1)[1] if isinstance(ref, str) and "#" in ref else ""
 
 
 def _from_files(rows: pd.DataFrame, so: dict | None, batch: int) -> Iterator[tuple[str, dict | Exception]]:
@@ -126,7 +124,7 @@ def _from_tar(shard: str, rows: pd.DataFrame, so: dict | None) -> Iterator[tuple
     wanted = {}  # member name -> (id, image name)
     for _, row in rows.iterrows():
         for n in PAIR:
-            wanted[_member(row, n)] = (row["id"], n)
+            wanted[_ref(row, n) or f"{row['key']}.{n}.png"] = (row["id"], n)
     found: dict[str, dict] = defaultdict(dict)
     fs, path = get_fs(shard, so)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -141,11 +139,14 @@ def _from_tar(shard: str, rows: pd.DataFrame, so: dict | None) -> Iterator[tuple
 
 
 def _from_parquet(shard: str, rows: pd.DataFrame, so: dict | None) -> Iterator[tuple[str, dict | Exception]]:
-    columns = {n: _member(rows.iloc[0], n) for n in PAIR}
     todo = set(rows["id"])
     fs, path = get_fs(shard, so)
     with fs.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["id", *columns.values()]):
+        shard_file = pq.ParquetFile(f)
+        # the reference may name the column ("#hq") or the image's member-style path ("#<key>.hq.png")
+        names = set(shard_file.schema_arrow.names)
+        columns = {n: ref if (ref := _ref(rows.iloc[0], n)) in names else n for n in PAIR}
+        for batch in shard_file.iter_batches(batch_size=256, columns=["id", *columns.values()]):
             ids = batch.column("id").to_pylist()
             images = {n: batch.column(c).to_pylist() for n, c in columns.items()}
             for k, sid in enumerate(ids):
