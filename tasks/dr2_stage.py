@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from models.diffusion import dr2_schedule
@@ -21,7 +22,7 @@ from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled, opt
 from tasks.runtime import NetworkHost, RuntimeConfig, to_model_range, to_uint8
-from tasks.stage import ImageStage, per_row
+from tasks.stage import PIXELS, ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def dr2_random_label(cfg: DR2Config) -> str:
 
 class DR2Stage(NetworkHost, ImageStage):
     """Ray Data callable class: the network is built once per actor. Adds 'dr2' (uint8, the input's size)."""
+
+    READS = ("id", "status", "image", "N", "tau")
+    ADDS = (("dr2", PIXELS), ("omega", pa.int64()), ("seed", pa.int64()), ("weights", pa.string()))
 
     def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
         self.cfg, self.seed = dr2, int(seed)

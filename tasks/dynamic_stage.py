@@ -43,7 +43,7 @@ from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.runtime import NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
-from tasks.stage import ImageStage, per_row
+from tasks.stage import PIXELS, ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,10 @@ class DynamicStage(NetworkHost, ImageStage):
     diffuse_modes: every dynamic.diffuse value this actor will be asked for (the benchmark runs several side
     by side); default: dynamic.diffuse alone.
     """
+
+    READS = ("id", "status", "image")
+    ADDS = (("dr2", PIXELS), ("restored", PIXELS), ("omega", pa.int64()), ("seed", pa.int64()),
+            ("weights", pa.string()), ("enhancer_weights", pa.string()), *DYNAMIC_COLUMNS)
 
     def __init__(self, dynamic: DynamicConfig, enhancer: EnhancerConfig | None, runtime: RuntimeConfig, seed: int,
                  storage_options: dict | None = None, dr2: DR2Config | None = None,

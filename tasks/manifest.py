@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.faults import TRANSIENT, RetryConfig, TransientError, retry_call
+from tasks.stage import Declared
 from tasks.storage import get_fs, join_under, write_bytes
 from tasks.weights import RANDOM_INIT
 
@@ -173,12 +174,14 @@ def busy_by_actor(values) -> dict[str, float]:
     return busy
 
 
-class ManifestWriter:
+class ManifestWriter(Declared):
     """Ray Data batch function, the pipeline's last stage: one shard per batch; returns shard stats.
 
     `columns` adds the workflow's own typed columns to BASE_SCHEMA; `constants` fills per-job columns.
     Rows whose status is "transient" are counted, not written: a rerun redoes them.
     """
+
+    READS = ("id", "source", "status", "error_kind", "error")
 
     def __init__(self, output: str, columns: list[tuple[str, pa.DataType]], constants: dict,
                  storage_options: dict | None = None, retry: RetryConfig | None = None):

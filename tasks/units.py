@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 SHARD_INPUTS = {".tar": "tar", ".parquet": "parquet"}
 UNIT_COLUMNS = [("shard", pa.string()), ("key", pa.string()), ("meta", pa.string())]  # manifest columns
+UNIT_SOURCE = ("id", "source", "key", "stem", "key_error", "key_error_kind", "meta")  # what LoadUnits hands on
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 _LAST = "-last"
 
@@ -449,9 +450,4 @@ def read_output_image(uri: str, storage_options: dict | None = None) -> bytes:
         if k == key and cell and cell.get("path") == member:
             return cell["bytes"]
     raise FileNotFoundError(f"{member} not in {shard}")
-
-
-def manifest_kwargs_for_units(kwargs: dict) -> dict:
-    """The workflow's ManifestWriter arguments plus the unit columns (shard, key, meta)."""
-    return {**kwargs, "columns": list(kwargs["columns"]) + UNIT_COLUMNS}
 

@@ -17,8 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python workflows/augment.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
-
 from tasks.augment_stage import AugmentWriteConfig, BlurAndWrite, BlurConfig
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
@@ -44,11 +42,6 @@ from tasks.runtime import RuntimeConfig
 from tasks.weights import check_weights
 
 log = logging.getLogger("augment")
-
-MANIFEST_COLUMNS = [
-    ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("sigma", pa.float64()),
-    ("lq", pa.string()), ("hq", pa.string()),
-]
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,7 @@ def build_pipeline(cfg: AugmentConfig, plan, ray, version: str):
                 pool=pool, gpus=gpus)
     return chain.commit(
         (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry)),
-        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so, retry=cfg.retry,
+        (ManifestWriter, dict(output=cfg.output, storage_options=so, retry=cfg.retry,
                               constants={"job_seed": cfg.seed, "code_version": version,
                                          "config_hash": config_hash(cfg)})))
 

@@ -27,10 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
 
 from tasks.benchmark_stage import (
-    DEG_COLUMNS,
     AsObserved,
     BenchmarkManifestWriter,
     BenchmarkStage,
@@ -46,11 +44,11 @@ from tasks.benchmark_stage import (
 )
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label
-from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig
+from tasks.dynamic_stage import DynamicConfig
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
-from tasks.metrics import FID_METRICS, FULL_REFERENCE, METRIC_NAMES, NO_GT
+from tasks.metrics import FID_METRICS, FULL_REFERENCE, NO_GT
 from tasks.pipeline import (
     Chain,
     ClusterConfig,
@@ -75,9 +73,6 @@ from tasks.write_stage import WriteConfig, WriteImages
 log = logging.getLogger("benchmark")
 
 MODES = ("synthetic", "real-world")
-DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg_quality": pa.int64(),
-             "deg_level": pa.string()}
-
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
@@ -110,15 +105,6 @@ class BenchmarkConfig:
     report_grid_samples: int = opt(6, "faces shown in the report's image grids")
 
 
-def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
-    metrics = [(m, pa.float64()) for m in cfg.metrics.names
-               if m not in FID_METRICS and (m in METRIC_NAMES or m in (cfg.metrics.plugins or {}))]
-    degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
-    return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
-            ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics,
-            *(DYNAMIC_COLUMNS[1:] if has_dynamic(cfg.methods) else [])]
-
-
 def build_pipeline(cfg: BenchmarkConfig, plan, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
@@ -139,7 +125,7 @@ def build_pipeline(cfg: BenchmarkConfig, plan, ray, version: str):
     return chain.commit(
         (WriteImages, dict(output=cfg.output, images={"restored": "restored"}, storage_options=so, retry=cfg.retry,
                            png_compression=cfg.write.png_compression, format=cfg.write.format)),
-        (BenchmarkManifestWriter, dict(output=cfg.output, columns=manifest_columns(cfg), storage_options=so,
+        (BenchmarkManifestWriter, dict(output=cfg.output, storage_options=so,
                                        retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
                                                                    "config_hash": config_hash(cfg)})),
         rows=cfg.cluster.manifest_rows * len(cfg.methods))

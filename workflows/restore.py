@@ -71,8 +71,9 @@ from tasks.write_stage import WriteImages
 
 log = logging.getLogger("restore")
 
-MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
-                    ("enhancer_weights", pa.string()), ("restored", pa.string()), ("dr2", pa.string())]
+# photo rows (the aligned pipelines derive their manifest columns from their stages' contracts)
+PHOTO_MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
+                          ("enhancer_weights", pa.string()), ("dr2", pa.string())]
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
-    columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
+    columns = PHOTO_MANIFEST_COLUMNS + PHOTO_COLUMNS
     return write_and_commit(
         ds, (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
                                  png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
@@ -175,8 +176,8 @@ def build_pipeline(cfg: RestoreConfig, plan, ray, version: str):
     return chain.commit(
         (WriteImages, dict(output=cfg.output, images=images, png_compression=cfg.write.png_compression,
                            storage_options=so, retry=cfg.retry, format=cfg.write.format)),
-        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                              storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version))))
+        (ManifestWriter, dict(output=cfg.output, storage_options=so, retry=cfg.retry,
+                              constants=manifest_constants(cfg, version))))
 
 
 @refuse_on_driver
