@@ -670,7 +670,7 @@ def test_benchmark_workflow_runs_dyn_and_dyn_raw(ray_local, tmp_path):
                                                                       "diffuse": "input"}]
     args = ["--input", str(tmp_path / "hq"), "--output", str(out), "--allow-random-weights", "true",
             "--dr2.architecture", "tiny", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
-            "--dynamic.max-start", "3", "--dynamic.size", "32", "--image.size", "64", "--enhancer.size", "64",
+            "--dynamic.max-start", "3", "--dynamic.size", "32", "--image.gt-size", "64", "--enhancer.size", "64",
             "--metrics.names", "[psnr_rgb]", "--runtime.device", "cpu",
             "--runtime.batch-size", "2", "--cluster.block-rows", "2"]
     assert benchmark(args + ["--methods", json.dumps(methods)]) == 0

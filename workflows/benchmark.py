@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
@@ -83,6 +83,21 @@ DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg
 
 
 @dataclass(frozen=True)
+class BenchmarkImageConfig(ImageConfig):
+    """image.size is the model's input size, as in augment and restore; the ground truth has a name of its own."""
+
+    size: int = opt(256, "model input size: the degraded face is resized to size x size with PIL bicubic for DR2 "
+                         "(as DR2); the ground truth is read at image.gt_size")
+    gt_size: int = opt(512, "ground-truth size: input faces are read and resized to gt_size x gt_size (PIL bicubic); "
+                            "degradation, restored outputs, metrics and the report are at this size (mode real-world: "
+                            "the degraded input is read at it)")
+
+    def read_at_gt_size(self) -> ImageConfig:
+        """The load stage's settings: faces are read at the ground-truth size."""
+        return ImageConfig(**{f.name: getattr(self, f.name) for f in fields(ImageConfig)} | {"size": self.gt_size})
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     input: str = opt("data/samples", "aligned faces: the ground truth (mode synthetic) or the degraded faces to "
                                      "restore (mode real-world); folder/prefix, glob or URI list")
@@ -92,14 +107,13 @@ class BenchmarkConfig:
     output: str = opt("out/benchmark", "output prefix: gt/, lq/, restored/<method>/, fid/, manifest/, report/")
     seed: int = opt(0, "job seed: degradations and DR2 noise depend only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
-    model_size: int = opt(256, "DR2's input size: the degraded face is resized to it with PIL bicubic")
     methods: list[dict] = opt([{"name": "input"}, {"name": "dr2", "N": 4, "tau": 22, "enhancer": "none"},
                                {"name": "dr2+sparnethd", "N": 4, "tau": 22, "enhancer": "sparnethd"}],
                               "methods: {name, N, tau, enhancer}; without N the degraded input itself; enhancer "
                               "none/bicubic or the configured enhancer.name; {name, dynamic: true, enhancer, "
                               "diffuse}: the dynamic method configured by dynamic.*, diffuse overriding "
                               "dynamic.diffuse (e.g. {name: dyn_raw, dynamic: true, diffuse: input} beside dyn)")
-    image: ImageConfig = ImageConfig(size=512)
+    image: BenchmarkImageConfig = BenchmarkImageConfig()
     degradation: DegradationConfig = DegradationConfig()
     dr2: DR2Config = DR2Config()
     dynamic: DynamicConfig = DynamicConfig()
@@ -125,7 +139,7 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so,
+    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image.read_at_gt_size(), job_seed=cfg.seed, storage_options=so,
                                 retry=cfg.retry, specs={}),
                         batch_size=cfg.cluster.block_rows, num_cpus=1)
     real_world = cfg.mode == "real-world"
@@ -140,7 +154,7 @@ def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
     ds = ds.map_batches(timed(DynamicBenchmarkStage if dyn else BenchmarkStage), fn_constructor_kwargs=dict(
         methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
-        seed=cfg.seed, model_size=cfg.model_size, storage_options=so, real_world=real_world),
+        seed=cfg.seed, model_size=cfg.image.size, storage_options=so, real_world=real_world),
         batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pool))
     return write_and_commit(
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     so = cfg.storage_options or None
     try:
-        check_dr2_params(cfg.dr2, cfg.model_size)
+        check_dr2_params(cfg.dr2, cfg.image.size)
     except ValueError as e:
         raise DriverRefusal(str(e)) from None
     if cfg.mode not in MODES:
