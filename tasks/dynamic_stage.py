@@ -37,7 +37,7 @@ from models.enhancers import enhance
 from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
-from tasks.config import opt
+from tasks.config import Sampled, opt
 from tasks.dr2_stage import TINY_UNET, DR2Config, DR2Stage
 from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
@@ -137,12 +137,13 @@ def mapper_dr2_params(dr2: DR2Config | None) -> DR2Params:
     """DR2's (N, tau) for the dr2 blur mapper: the workflow's dr2.N / dr2.tau (DR2Config defaults without a dr2
     section), which must be one fixed value each: the mapper runs one DR2 setting for every sample."""
     dr2 = dr2 or DR2Config()
-    for name, spec in (("N", dr2.N), ("tau", dr2.tau)):
+    N, tau = Sampled.parse(dr2.N), Sampled.parse(dr2.tau)  # a DR2Config built in code may hold plain ints
+    for name, spec in (("N", N), ("tau", tau)):
         if len(spec.values) != 1 or not isinstance(spec.values[0], int) or isinstance(spec.values[0], bool):
             raise ValueError(f"--dr2.{name}: dynamic.diffuse dr2 needs one fixed integer value (the blur mapper runs "
                              f"one DR2 setting for every sample), got {spec.describe()!r}")
     try:
-        return DR2Params.of(dr2.N.values[0], dr2.tau.values[0])
+        return DR2Params.of(N.values[0], tau.values[0])
     except ValueError as e:
         raise ValueError(f"--dr2.N / --dr2.tau: {e}") from None
 
@@ -178,6 +179,16 @@ def resolve_path(path: str) -> str:
     return path if "://" in path or os.path.isabs(path) else str(ROOT / path)
 
 
+def missing_prior_weights(cfg: DynamicConfig) -> str | None:
+    """The one-line refusal of a prior without weights when random-init is not allowed (said alike by the
+    drivers and the actors), else None."""
+    if cfg.weights or cfg.allow_random_weights:
+        return None
+    return (f"no weights configured for the dynamic prior {cfg.prior!r}: set --dynamic.weights PATH_OR_URI "
+            "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
+            "--dynamic.allow-random-weights true for a demo whose outputs are NOT restorations")
+
+
 def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> tuple[UNetModel, str, int | None]:
     """(network, weights identity, native size); refuses to run without weights unless allowed."""
     if cfg.prior not in PRIORS:
@@ -190,10 +201,9 @@ def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> t
         identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options,
                                 key=cfg.weights_key)
         return model, identity, native
-    if not cfg.allow_random_weights:
-        raise RuntimeError(f"no weights configured for the dynamic prior {cfg.prior!r}: set dynamic.weights "
-                           "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
-                           "dynamic.allow_random_weights for a demo whose outputs are NOT restorations")
+    missing = missing_prior_weights(cfg)
+    if missing:
+        raise RuntimeError(missing)
     fill_zero_init(model)
     return model, random_init_label(cfg.prior), native
 

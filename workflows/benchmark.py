@@ -45,7 +45,7 @@ from tasks.benchmark_stage import (
     plugin_report_info,
 )
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label
+from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label, missing_dr2_weights
 from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
@@ -189,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
-    if not weights and not cfg.dr2.allow_random_weights:
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
-                  "pipeline demo whose DR2 numbers are NOT those of DR2")
+    if missing_dr2_weights(cfg.dr2):
+        log.error("%s", missing_dr2_weights(cfg.dr2))
         return 2
     version = code_version()
     summary = Summary("benchmark", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,
