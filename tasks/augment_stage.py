@@ -10,7 +10,7 @@ import numpy as np
 
 from tasks.config import Sampled, opt
 from tasks.faults import RetryConfig
-from tasks.write_stage import WriteImages
+from tasks.write_stage import WriteConfig, WriteImages
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,8 @@ class BlurConfig:
 
 
 @dataclass(frozen=True)
-class WriteConfig:
-    hq: bool = opt(True, "also write the HQ target (the input resized to the model size) under hq/")
-    png_compression: int = opt(3, "PNG compression level 0-9 (lossless at every level; higher = smaller, slower)")
+class AugmentWriteConfig(WriteConfig):
+    hq: bool = opt(True, "also write the HQ target (the input resized to the model size) as hq")
 
 
 def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
@@ -38,10 +37,10 @@ def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
 class BlurAndWrite(WriteImages):
     """Writes lq = blur_sigma(DR2 output) and, if configured, hq = the resized input."""
 
-    def __init__(self, output: str, write: WriteConfig, storage_options: dict | None = None,
+    def __init__(self, output: str, write: AugmentWriteConfig, storage_options: dict | None = None,
                  retry: RetryConfig | None = None):
         images = {"lq": "dr2", "hq": "image"} if write.hq else {"lq": "dr2"}
-        super().__init__(output, images, write.png_compression, storage_options, retry=retry)
+        super().__init__(output, images, write.png_compression, storage_options, retry=retry, format=write.format)
 
     def pixels(self, batch: dict[str, np.ndarray], k: int, name: str) -> np.ndarray:
         rgb = super().pixels(batch, k, name)

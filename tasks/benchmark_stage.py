@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 from dataclasses import dataclass
 
 import numpy as np
@@ -285,7 +286,7 @@ class BenchmarkManifestWriter(ManifestWriter):
     commit marker), so FID statistics exist exactly for committed samples and merge exactly at the end.
     Feature rows: (id, source = method or "gt", metric = the FID network's metric name, features)."""
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, name: str | None = None) -> dict:
         nets = [c.split(":", 1)[1] for c in batch if c.startswith("features:")]
         if nets:
             ids = [str(i) for i in batch["id"]]
@@ -305,14 +306,14 @@ class BenchmarkManifestWriter(ManifestWriter):
             })
             buf = io.BytesIO()
             pq.write_table(table, buf)
-            uri = join_under(join_under(self.output, FID_DIR), shard_name(ids))
+            uri = join_under(join_under(self.output, FID_DIR), name or shard_name(ids))  # the manifest shard's name
             fs, path = get_fs(uri, self.storage_options)
             try:
                 write_bytes(fs, path, buf.getvalue(), self.retry)
             except TransientError as e:  # features missing: none of these rows may be committed
                 batch = dict(batch, status=np.full(len(ids), TRANSIENT, dtype=object),
                              error_kind=np.full(len(ids), e.kind, dtype=object))
-        return super().__call__({k: v for k, v in batch.items() if not _is_feature_column(k)})
+        return super().__call__({k: v for k, v in batch.items() if not _is_feature_column(k)}, name)
 
 
 def fid_scores(output: str, storage_options: dict | None = None,
@@ -330,7 +331,7 @@ def fid_scores(output: str, storage_options: dict | None = None,
     except FileNotFoundError:
         paths = []
     for p in paths:
-        name = p.rsplit("/", 1)[-1]
+        name = posixpath.relpath(p, root)
         if not fs.exists(f"{committed}/{name}"):
             continue  # features of a shard that never committed
         with fs.open(p, "rb") as f:

@@ -31,6 +31,10 @@ class ImageConfig:
     min_side: int = opt(16, "refuse images smaller than this on either side")
     extensions: list[str] = opt(["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"],
                                 "file extensions listed as inputs (others are ignored and counted)")
+    member: str = opt("", "WebDataset input: the extension of the image member (e.g. 'jpg', 'hq.png'); empty: the "
+                          "one member with an image extension")
+    column: str = opt("", "Parquet-bytes input: the image column (a Hugging Face Image struct or a binary column); "
+                          "empty: the only such column")
 
 
 def draw_params(job_seed: int, sample_id: str, specs: dict[str, Sampled]) -> dict:
@@ -49,13 +53,17 @@ class LoadFaces:
         self.storage_options, self.retry = storage_options, retry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.load(batch, None)
+
+    def load(self, batch: dict[str, np.ndarray], data: list[bytes | None] | None) -> dict[str, np.ndarray]:
+        """The batch loaded from its sources, or from `data` (bytes per row, read out of a shard)."""
         size = self.image.size
 
         def decode(raw: bytes) -> tuple[np.ndarray, dict]:
             rgb, info = decode_image(raw, max_pixels=self.image.max_pixels, min_side=self.image.min_side)
             return prepare_face(rgb, size, self.image.non_square), info
 
-        pixels, out = load_rows(batch, decode, self.storage_options, self.retry)
+        pixels, out = load_rows(batch, decode, self.storage_options, self.retry, data)
         images = np.zeros((len(pixels), size, size, 3), dtype=np.uint8)
         for k, face in enumerate(pixels):
             if face is not None:
@@ -67,7 +75,7 @@ class LoadFaces:
 
 
 def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.ndarray, dict]],
-              storage_options: dict | None, retry: RetryConfig | None = None
+              storage_options: dict | None, retry: RetryConfig | None = None, given: list[bytes | None] | None = None
               ) -> tuple[list[np.ndarray | None], dict[str, np.ndarray]]:
     """Read every row's source and decode it: (pixels per row, None where it failed; the batch plus status,
     error_kind, error and src_* columns). A bad input is its row's error with its kind; a read that failed
@@ -81,7 +89,8 @@ def load_rows(batch: dict[str, np.ndarray], decode: Callable[[bytes], tuple[np.n
     for k in range(n):
         if batch["key_error"][k]:
             status[k], kind[k], error[k] = "error", str(batch["key_error_kind"][k]), str(batch["key_error"][k])
-    data = read_sources([str(batch["source"][k]) for k in todo], storage_options, retry)
+    data = ([given[k] for k in todo] if given is not None else
+            read_sources([str(batch["source"][k]) for k in todo], storage_options, retry))
     for k, raw in zip(todo, data):
         try:
             if isinstance(raw, Exception):

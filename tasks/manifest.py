@@ -204,7 +204,8 @@ class ManifestWriter:
             cols[f.name] = pa.array(values, type=f.type)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, name: str | None = None) -> dict:
+        """Commit the batch as one shard (named after its ids, or `name`); returns its stats."""
         status = np.asarray(batch["status"])
         kinds = np.asarray(batch.get("error_kind", np.array([""] * len(status), dtype=object)))
         committed = np.flatnonzero(status != TRANSIENT)
@@ -212,7 +213,7 @@ class ManifestWriter:
         if len(committed):
             rows = {k: (np.asarray(v)[committed] if len(v) == len(status) else v) for k, v in batch.items()}
             try:
-                uri = write_shard(self.table(rows), self.output, self.storage_options, self.retry)
+                uri = write_shard(self.table(rows), self.output, self.storage_options, self.retry, name=name)
             except TransientError as e:  # the storage is down for longer than the retries: nothing committed
                 log.warning("manifest shard not written, %d samples left for a rerun: %s", len(committed), e)
                 kinds = np.where(status == "ok", "write_transient", kinds)

@@ -164,6 +164,68 @@ def write_and_commit(ds, writer: tuple[type, dict], manifest: tuple[type, dict],
     return ds.map_batches(run, batch_size=rows, num_cpus=1)
 
 
+class Chain:
+    """A workflow's stages, from its plan to the manifest, as Ray Data operators. A workflow declares its
+    chain once; it runs per sample (loose files written as files: rows of samples, manifest shards of
+    cluster.manifest-rows) or per unit (shard inputs or outputs: one row per unit, see tasks/units.py).
+
+        chain = Chain(ray, plan, cfg, LoadFaces, dict(...))   # read + decode (CPU tasks)
+        chain.cpu(Degrade, ...)                                # more CPU stages
+        chain.model(DR2Stage, dict(...), pool=..., gpus=...)  # a model stage (actor pool)
+        ds = chain.commit((WriteImages, {...}), (ManifestWriter, {...}))
+    """
+
+    def __init__(self, ray, plan, cfg, load_cls: type, load_kwargs: dict):
+        from tasks.units import LoadUnits, UnitPlan
+
+        self.ray, self.cfg, self.units = ray, cfg, isinstance(plan, UnitPlan)
+        so, block_rows = cfg.storage_options or None, cfg.cluster.block_rows
+        if self.units:
+            items = [{"unit": u.to_json()} for u in plan.units]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            self.ds = ds.map_batches(as_task(
+                LoadUnits, load_cls=load_cls, load_kwargs=load_kwargs, shard_size=cfg.write.shard_size,
+                storage_options=so, retry=cfg.retry, image_member=cfg.image.member, image_column=cfg.image.column),
+                batch_size=1, num_cpus=1)
+        else:
+            ds = ray.data.from_pandas(blocks(plan.todo, block_rows))
+            self.ds = ds.map_batches(as_task(load_cls, **load_kwargs), batch_size=block_rows, num_cpus=1)
+
+    def cpu(self, stage_cls: type, **kwargs) -> Chain:
+        from tasks.units import per_unit
+
+        if self.units:
+            self.ds = self.ds.map_batches(as_task(per_unit(stage_cls), **kwargs), batch_size=1, num_cpus=1)
+        else:
+            self.ds = self.ds.map_batches(as_task(stage_cls, **kwargs), batch_size=self.cfg.cluster.block_rows,
+                                          num_cpus=1)
+        return self
+
+    def model(self, stage_cls: type, kwargs: dict, *, pool: int, gpus: float) -> Chain:
+        """A model stage on an actor pool (Ray restarts dead actors and retries their batches), timed."""
+        from tasks.units import per_unit
+
+        rt = self.cfg.runtime
+        cls, batch_size = timed(stage_cls), rt.batch_size
+        if self.units:  # one unit per call, run in slices of the model's batch size
+            cls, batch_size = per_unit(cls, rows=rt.batch_size), 1
+        self.ds = self.ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size, num_gpus=gpus,
+                                      num_cpus=rt.cpus_per_actor, compute=self.ray.data.ActorPoolStrategy(size=pool))
+        return self
+
+    def commit(self, writer: tuple[type, dict], manifest: tuple[type, dict], rows: int | None = None):
+        """The tail: write the images, then commit the manifest shard; returns the dataset of shard stats."""
+        from tasks.units import CommitUnit, manifest_kwargs_for_units
+
+        if not self.units:
+            return write_and_commit(self.ds, writer, manifest, rows or self.cfg.cluster.manifest_rows)
+        so = self.cfg.storage_options or None
+        return self.ds.map_batches(as_task(
+            CommitUnit, writer=writer, manifest=(manifest[0], manifest_kwargs_for_units(manifest[1])),
+            output=self.cfg.output, format=self.cfg.write.format, storage_options=so, retry=self.cfg.retry),
+            batch_size=1, num_cpus=1)
+
+
 def timed(stage_cls):
     """The stage class with each call's wall time recorded on its rows (BUSY_COLUMN), per actor.
 
@@ -215,6 +277,8 @@ class Summary:
     ok: int = 0
     error: int = 0
     transient: int = 0  # failed on every retry (storage down, throttled): not committed, a rerun redoes them
+    input_shards: int = 0  # shard mode: units of work (input shards or listing chunks) in all
+    skipped_shards: int = 0  # of them already committed
     duplicates: int = 0  # input-list rows dropped for repeating an id
     error_kinds: dict[str, int] = field(default_factory=dict)  # error_kind -> samples (transient included)
     shards: int = 0
@@ -272,7 +336,9 @@ class Summary:
             f"{self.workflow}: {self.ok} ok, {self.error} error, {self.transient} transient, {self.skipped} skipped "
             f"(already committed), {self.total} inputs" + (f", {self.ignored} non-image files ignored"
                                                            if self.ignored else "")
-            + (f", {self.duplicates} repeated list rows dropped" if self.duplicates else ""),
+            + (f", {self.duplicates} repeated list rows dropped" if self.duplicates else "")
+            + (f"; {self.input_shards} units of work, {self.skipped_shards} already committed"
+               if self.input_shards else ""),
             f"  {self.images_per_s:.3f} images/s over {self.seconds:.1f} s, {self.shards} manifest shards written",
             f"  manifest: {manifest_prefix(self.output)}",
             f"  weights: {self.weights}   code: {self.code_version}",
@@ -388,17 +454,50 @@ def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
     """Plan (drop committed ids), then run the pipeline over what is left, counting into the summary; the
     manifest is compacted before (a crashed run's leftovers) and after (superseded rows of retried errors)."""
     so = cfg.storage_options or None
-    p = plan(cfg.input, cfg.output, so, cfg.image.extensions, cfg.resume, cfg.retry)
-    summary.total, summary.skipped, summary.ignored, summary.duplicates = p.total, p.skipped, p.ignored, p.duplicates
+    p = plan_work(cfg)
+    summary.total, summary.ignored, summary.duplicates = p.total, p.ignored, p.duplicates
     if p.duplicates:
         summary.notes.append(f"{p.duplicates} rows of the input list repeat an id listed before them: "
                              "each id was processed once")
-    log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, len(p.todo))
-    if len(p.todo):
+    if isinstance(p, Plan):
+        summary.skipped, todo = p.skipped, len(p.todo)
+        log.info("%d inputs, %d already committed, %d to process", p.total, p.skipped, todo)
+    else:
+        summary.input_shards, summary.skipped_shards, todo = p.shards, p.skipped, len(p.units)
+        log.info("%d units of work (input shards or listing chunks), %d already committed, %d to process",
+                 p.shards, p.skipped, todo)
+    if todo:
         ray = init_ray(cfg.cluster)
         summary.pool_size = actor_pool(cfg.runtime, ray)[0]
-        drain(build_pipeline(cfg, p.todo, ray, version), summary)
-    compact(cfg.output, so, cfg.retry)
+        drain(build_pipeline(cfg, p, ray, version), summary)
+    if isinstance(p, Plan):
+        compact(cfg.output, so, cfg.retry)
+    else:
+        summary.total = summary.total or summary.ok + summary.error + summary.transient
+
+
+def sharded(cfg) -> bool:
+    """Shards are the unit of work when the output is written as shards or the input is shards."""
+    from tasks.units import shard_input_kind
+
+    write = getattr(cfg, "write", None)
+    return bool(write is not None and write.sharded) or retry_call(
+        lambda: shard_input_kind(cfg.input, cfg.storage_options or None), f"listing {cfg.input}", cfg.retry
+    ) is not None
+
+
+def plan_work(cfg):
+    """The work left: a Plan of samples, or a UnitPlan of shards (tasks/units.py)."""
+    from tasks.units import plan_units
+
+    if not sharded(cfg):
+        return plan(cfg.input, cfg.output, cfg.storage_options or None, cfg.image.extensions, cfg.resume, cfg.retry)
+    if cfg.resume.retry_errors:
+        raise DriverRefusal("--resume.retry-errors: not supported with shard inputs or --write.format "
+                            "webdataset/parquet (rerun into a new --output to redo errors)")
+    shard_size = cfg.write.shard_size if getattr(cfg, "write", None) is not None else 1000
+    return plan_units(cfg.input, cfg.output, cfg.storage_options or None, cfg.image.extensions, shard_size,
+                      cfg.resume.enabled, cfg.retry)
 
 
 def compact(output: str, storage_options: dict | None, retry) -> None:

@@ -43,6 +43,7 @@ import pandas as pd
 
 from tasks.images import decode_image, encode_png
 from tasks.storage import get_fs, join_under, redact, write_bytes
+from tasks.units import read_output_image
 
 __all__ = [
     "METRICS", "PROTOCOLS", "aggregate", "choose_grid_samples", "fid_columns", "grid_header_height", "level_order",
@@ -730,8 +731,7 @@ def _load_tile(uri, tile: int, storage_options, nearest_up: bool) -> tuple[np.nd
     if uri is None or (isinstance(uri, float) and math.isnan(uri)) or not str(uri):
         return None, "no image"
     try:
-        fs, path = get_fs(str(uri), storage_options)
-        rgb, _ = decode_image(fs.cat_file(path))
+        rgb, _ = decode_image(read_output_image(str(uri), storage_options))
     except Exception as e:  # one unreadable image must not stop the report
         log.warning("report grid: cannot read %s: %s", uri, e)
         return None, "unreadable"

@@ -20,8 +20,14 @@ from tasks.dr2_stage import DR2Config, DR2Stage
 from tasks.plugins import build_network, import_plugin
 from tasks.runtime import RuntimeConfig, autocast_on, half_dtype, resolve_device, to_model_range, to_uint8
 from tasks.stage import ImageStage, per_row
+from tasks.write_stage import WriteConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreWriteConfig(WriteConfig):
+    dr2: bool = opt(False, "also write DR2's intermediate (at the model size) as dr2")
 
 
 @dataclass(frozen=True)

@@ -19,29 +19,26 @@ if __package__ in (None, ""):  # run as a script (python workflows/augment.py): 
 
 import pyarrow as pa
 
-from tasks.augment_stage import BlurAndWrite, BlurConfig, WriteConfig
+from tasks.augment_stage import AugmentWriteConfig, BlurAndWrite, BlurConfig
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.pipeline import (
+    Chain,
     ClusterConfig,
     DriverRefusal,
     ResumeConfig,
     Summary,
     actor_pool,
-    as_task,
-    blocks,
     code_version,
     config_hash,
     finish,
     load_config,
     process,
     refuse_on_driver,
-    timed,
     warn_random,
-    write_and_commit,
 )
 from tasks.runtime import RuntimeConfig
 from tasks.weights import check_weights
@@ -56,40 +53,39 @@ MANIFEST_COLUMNS = [
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    input: str = opt("data/samples", "HQ aligned faces: a folder/prefix (recursive), a glob, or a .parquet/.csv "
-                                     "list with a 'uri' column (local, s3://, gs://, any fsspec URI)")
-    output: str = opt("out/augment", "output prefix: lq/, hq/, manifest/ and _summary.json go under it")
+    input: str = opt("data/samples", "HQ aligned faces: a folder/prefix (recursive), a glob, a .parquet/.csv list "
+                                     "with a 'uri' column, WebDataset .tar shards (a shard, folder, glob or "
+                                     "brace pattern faces-{00000..00099}.tar) or Parquet files of image bytes "
+                                     "(local, s3://, gs://, any fsspec URI)")
+    output: str = opt("out/augment", "output prefix: lq/ and hq/ (or shards/), manifest/ and _summary.json go "
+                                     "under it")
     seed: int = opt(0, "job seed: a sample's noise and parameters depend only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options for input/output/weights, e.g. {endpoint_url: ...}; "
                                     "credentials come from the environment or instance role, not from here")
     image: ImageConfig = ImageConfig()
     dr2: DR2Config = DR2Config()
     blur: BlurConfig = BlurConfig()
-    write: WriteConfig = WriteConfig()
+    write: AugmentWriteConfig = AugmentWriteConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
     cluster: ClusterConfig = ClusterConfig()
 
 
-def build_pipeline(cfg: AugmentConfig, todo, ray, version: str):
+def build_pipeline(cfg: AugmentConfig, plan, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     log.info("DR2 actor pool: %d actor(s), %.2f GPU each, batch %d", pool, gpus, cfg.runtime.batch_size)
-    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
-                                specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau, "sigma": cfg.blur.sigma}),
-                        batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(timed(DR2Stage), fn_constructor_kwargs=dict(
-        dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
-        batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=pool))  # Ray restarts dead actors and retries their batches
-    return write_and_commit(
-        ds, (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry)),
+    chain = Chain(ray, plan, cfg, LoadFaces, dict(image=cfg.image, job_seed=cfg.seed, storage_options=so,
+                                                  retry=cfg.retry, specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau,
+                                                                          "sigma": cfg.blur.sigma}))
+    chain.model(DR2Stage, dict(dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
+                pool=pool, gpus=gpus)
+    return chain.commit(
+        (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry)),
         (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so, retry=cfg.retry,
                               constants={"job_seed": cfg.seed, "code_version": version,
-                                         "config_hash": config_hash(cfg)})),
-        rows=cfg.cluster.manifest_rows)
+                                         "config_hash": config_hash(cfg)})))
 
 
 @refuse_on_driver

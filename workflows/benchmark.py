@@ -52,28 +52,25 @@ from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
 from tasks.metrics import FID_METRICS, FULL_REFERENCE, METRIC_NAMES, NO_GT
 from tasks.pipeline import (
+    Chain,
     ClusterConfig,
     DriverRefusal,
     ResumeConfig,
     Summary,
     actor_pool,
-    as_task,
-    blocks,
     code_version,
     config_hash,
     finish,
     load_config,
     process,
     refuse_on_driver,
-    timed,
     warn_random,
-    write_and_commit,
 )
 from tasks.report import write_report
 from tasks.restore_stage import EnhancerConfig
 from tasks.runtime import RuntimeConfig
 from tasks.weights import check_weights
-from tasks.write_stage import WriteImages
+from tasks.write_stage import WriteConfig, WriteImages
 
 log = logging.getLogger("benchmark")
 
@@ -122,6 +119,7 @@ class BenchmarkConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
+    write: WriteConfig = WriteConfig()
     cluster: ClusterConfig = ClusterConfig()
     report_grid_samples: int = opt(6, "faces shown in the report's image grids")
 
@@ -135,31 +133,26 @@ def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
             *(DYNAMIC_COLUMNS[1:] if has_dynamic(cfg.methods) else [])]
 
 
-def build_pipeline(cfg: BenchmarkConfig, todo, ray, version: str):
+def build_pipeline(cfg: BenchmarkConfig, plan, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
-    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image.read_at_gt_size(), job_seed=cfg.seed, storage_options=so,
-                                retry=cfg.retry, specs={}),
-                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+    chain = Chain(ray, plan, cfg, LoadFaces, dict(image=cfg.image.read_at_gt_size(), job_seed=cfg.seed,
+                                                  storage_options=so, retry=cfg.retry, specs={}))
     real_world = cfg.mode == "real-world"
     if real_world:  # the input is the degraded face: no degradation, no ground truth
-        ds = ds.map_batches(as_task(AsObserved), batch_size=cfg.cluster.block_rows, num_cpus=1)
+        chain.cpu(AsObserved)
     else:
-        ds = ds.map_batches(as_task(Degrade, degradation=cfg.degradation, job_seed=cfg.seed),
-                            batch_size=cfg.cluster.block_rows, num_cpus=1)
-    ds = ds.map_batches(as_task(WriteImages, output=cfg.output, storage_options=so, retry=cfg.retry, keep_pixels=True,
-                                images={"lq": "lq_pixels"} if real_world else {"gt": "image", "lq": "lq_pixels"}),
-                        batch_size=cfg.cluster.block_rows, num_cpus=1)
+        chain.cpu(Degrade, degradation=cfg.degradation, job_seed=cfg.seed)
+    chain.cpu(WriteImages, output=cfg.output, storage_options=so, retry=cfg.retry, keep_pixels=True,
+              images={"lq": "lq_pixels"} if real_world else {"gt": "image", "lq": "lq_pixels"},
+              png_compression=cfg.write.png_compression, format=cfg.write.format)
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
-    ds = ds.map_batches(timed(DynamicBenchmarkStage if dyn else BenchmarkStage), fn_constructor_kwargs=dict(
+    chain.model(DynamicBenchmarkStage if dyn else BenchmarkStage, dict(
         methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
-        seed=cfg.seed, model_size=cfg.image.size, storage_options=so, real_world=real_world),
-        batch_size=cfg.runtime.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=pool))
-    return write_and_commit(
-        ds, (WriteImages, dict(output=cfg.output, images={"restored": "restored"}, storage_options=so,
-                               retry=cfg.retry)),
+        seed=cfg.seed, model_size=cfg.image.size, storage_options=so, real_world=real_world), pool=pool, gpus=gpus)
+    return chain.commit(
+        (WriteImages, dict(output=cfg.output, images={"restored": "restored"}, storage_options=so, retry=cfg.retry,
+                           png_compression=cfg.write.png_compression, format=cfg.write.format)),
         (BenchmarkManifestWriter, dict(output=cfg.output, columns=manifest_columns(cfg), storage_options=so,
                                        retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
                                                                    "config_hash": config_hash(cfg)})),

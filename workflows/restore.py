@@ -51,6 +51,7 @@ from tasks.photo_stage import (
     PhotoRestore,
 )
 from tasks.pipeline import (
+    Chain,
     ClusterConfig,
     DriverRefusal,
     ResumeConfig,
@@ -64,11 +65,12 @@ from tasks.pipeline import (
     load_config,
     process,
     refuse_on_driver,
+    sharded,
     timed,
     warn_random,
     write_and_commit,
 )
-from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage
+from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage, RestoreWriteConfig
 from tasks.runtime import RuntimeConfig
 from tasks.upsample import resolve_upscale, runs_network
 from tasks.weights import check_weights, random_init_label
@@ -78,12 +80,6 @@ log = logging.getLogger("restore")
 
 MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
                     ("enhancer_weights", pa.string()), ("restored", pa.string()), ("dr2", pa.string())]
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    dr2: bool = opt(False, "also write DR2's 256x256 intermediate under dr2/")
-    png_compression: int = opt(3, "PNG compression level 0-9 (lossless at every level)")
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,7 @@ class RestoreConfig:
     dr2: DR2Config = DR2Config()
     dynamic: DynamicConfig = DynamicConfig()
     enhancer: EnhancerConfig = EnhancerConfig()
-    write: OutputConfig = OutputConfig()
+    write: RestoreWriteConfig = RestoreWriteConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     retry: RetryConfig = RetryConfig()
     resume: ResumeConfig = ResumeConfig()
@@ -160,41 +156,34 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
         rows=ph.batch_size)  # whole photos: a shard per photo batch keeps a task's memory bounded
 
 
-def build_pipeline(cfg: RestoreConfig, todo, ray, version: str):
+def build_pipeline(cfg: RestoreConfig, plan, ray, version: str):
     if cfg.photos.mode != "aligned":
-        return build_photo_pipeline(cfg, todo, ray, version)
+        return build_photo_pipeline(cfg, plan.todo, ray, version)
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
-    ds = ray.data.from_pandas(blocks(todo, cfg.cluster.block_rows))
     dynamic = cfg.method == "dynamic"
-    ds = ds.map_batches(as_task(LoadFaces, image=cfg.image, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
-                                specs=param_specs(cfg)),
-                        batch_size=cfg.cluster.block_rows, num_cpus=1)
-    actor = dict(batch_size=cfg.runtime.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
-                 compute=ray.data.ActorPoolStrategy(size=pool))
+    chain = Chain(ray, plan, cfg, LoadFaces, dict(image=cfg.image, job_seed=cfg.seed, storage_options=so,
+                                                  retry=cfg.retry, specs=param_specs(cfg)))
     if dynamic:  # one actor: estimator + dynamic sampler + enhancer (topology does not apply)
-        ds = ds.map_batches(timed(DynamicStage), fn_constructor_kwargs=dict(
-            dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so,
-            dr2=cfg.dr2), num_gpus=gpus, **actor)
+        chain.model(DynamicStage, dict(dynamic=cfg.dynamic, enhancer=cfg.enhancer, runtime=cfg.runtime,
+                                       seed=cfg.seed, storage_options=so, dr2=cfg.dr2), pool=pool, gpus=gpus)
     elif cfg.topology == "shared":
-        ds = ds.map_batches(timed(RestoreStage), fn_constructor_kwargs=dict(
-            dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
-            num_gpus=gpus, **actor)
+        chain.model(RestoreStage, dict(dr2=cfg.dr2, enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed,
+                                       storage_options=so), pool=pool, gpus=gpus)
     elif cfg.topology == "separate":
         half = gpus / 2 if gpus else 0.0  # both pools share each GPU
-        ds = ds.map_batches(timed(DR2Stage), fn_constructor_kwargs=dict(
-            dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so), num_gpus=half, **actor)
-        ds = ds.map_batches(timed(EnhanceStage), fn_constructor_kwargs=dict(
-            enhancer=cfg.enhancer, runtime=cfg.runtime, storage_options=so), num_gpus=half, **actor)
+        chain.model(DR2Stage, dict(dr2=cfg.dr2, runtime=cfg.runtime, seed=cfg.seed, storage_options=so),
+                    pool=pool, gpus=half)
+        chain.model(EnhanceStage, dict(enhancer=cfg.enhancer, runtime=cfg.runtime, storage_options=so),
+                    pool=pool, gpus=half)
     else:
         raise ValueError(f"topology must be 'shared' or 'separate', got {cfg.topology!r}")
     images = {"restored": "restored", **({"dr2": "dr2"} if cfg.write.dr2 else {})}
-    return write_and_commit(
-        ds, (WriteImages, dict(output=cfg.output, images=images, png_compression=cfg.write.png_compression,
-                               storage_options=so, retry=cfg.retry)),
+    return chain.commit(
+        (WriteImages, dict(output=cfg.output, images=images, png_compression=cfg.write.png_compression,
+                           storage_options=so, retry=cfg.retry, format=cfg.write.format)),
         (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                              storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version))),
-        rows=cfg.cluster.manifest_rows)
+                              storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version))))
 
 
 @refuse_on_driver
@@ -207,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.photos.mode not in ("aligned", "photos", "auto"):
         log.error("--photos.mode must be aligned, photos or auto, got %r", cfg.photos.mode)
         return 2
+    if cfg.photos.mode != "aligned" and sharded(cfg):
+        raise DriverRefusal(f"--photos.mode {cfg.photos.mode}: whole photos are read from loose files and written as "
+                            "files; allowed with --write.format webdataset|parquet or shard inputs: --photos.mode "
+                            "aligned")
     if cfg.photos.mode != "aligned":
         try:
             upscale, _, upsampler_note = resolve_upscale(cfg.photos.upsampler, cfg.photos.upscale)
