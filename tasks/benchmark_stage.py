@@ -1,6 +1,6 @@
 """Benchmark stages: seeded synthetic degradation (CPU tasks), then methods + metrics (GPU actors).
 
-A sample enters as its HQ face (the ground truth, at `image.size`) and leaves as one row per method
+A sample enters as its HQ face (the ground truth, at `image.gt_size`) and leaves as one row per method
 with that method's metrics, its restored pixels and, when FID is on, its Inception features (one column per
 FID network, `features:<metric>`). In real-world mode a sample enters as the degraded face itself (no ground
 truth): `AsObserved` replaces the degradation, full-reference metrics are not applicable, identity compares

@@ -35,7 +35,7 @@ def test_benchmark_end_to_end(ray_local, tmp_path):
     assert fid_stats(["--input", str(src), "--output", str(tmp_path / "gtref.npz"), "--weights", "random-init",
                       "--image.size", "64"]) == 0
     args = ["--input", str(src), "--output", str(out), "--allow-random-weights", "true",
-            "--dr2.architecture", "tiny", "--model-size", "32", "--image.size", "64", "--enhancer.size", "64",
+            "--dr2.architecture", "tiny", "--image.size", "32", "--image.gt-size", "64", "--enhancer.size", "64",
             "--methods", json.dumps(METHODS), "--degradation.custom", '{base: gfpgan, scale: "2:4"}',
             "--metrics.names", "[psnr_rgb, ssim_y, lpips_alex, ids, fid_tf_inception]",
             "--metrics.weights", "{lpips_alex: random-init, fid_tf_inception: random-init}",
@@ -91,7 +91,7 @@ def test_benchmark_real_world(ray_local, tmp_path):
     out = tmp_path / "out"
     metrics = "[psnr_rgb, lmd_mtcnn5, niqe, meanlevel, ids, deg, fid_tf_inception]"
     args = ["--mode", "real-world", "--input", str(src), "--output", str(out), "--allow-random-weights", "true",
-            "--dr2.architecture", "tiny", "--model-size", "32", "--image.size", "96", "--enhancer.size", "96",
+            "--dr2.architecture", "tiny", "--image.size", "32", "--image.gt-size", "96", "--enhancer.size", "96",
             "--methods", json.dumps(METHODS[:2]), "--metrics.names", metrics,
             "--metrics.weights", json.dumps({"fid_tf_inception": str(tmp_path / "tfinc.pth"), "identity": "random-init",
                                              "niqe": str(tmp_path / "niqe.npz")}),

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script (python workflows/augment.py): 
 
 from tasks.augment_stage import AugmentWriteConfig, BlurAndWrite, BlurConfig
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise DriverRefusal(str(e)) from None
     weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
-    if not weights and not cfg.dr2.allow_random_weights:
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
-                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+    if missing_dr2_weights(cfg.dr2):
+        log.error("%s", missing_dr2_weights(cfg.dr2))
         return 2
     version = code_version()
     summary = Summary("augment", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,

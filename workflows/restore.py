@@ -29,8 +29,15 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import pyarrow as pa
 
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
-from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
+from tasks.dynamic_stage import (
+    DR2_PRIORS,
+    DYNAMIC_COLUMNS,
+    DynamicConfig,
+    DynamicStage,
+    missing_prior_weights,
+    resolve_diffuse,
+)
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -240,14 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                       cfg.dynamic.scale_map_weights):
             if extra:
                 check_weights(extra, so)
-    if not weights and not net.allow_random_weights:
-        if cfg.method == "dynamic":
-            log.error("no dynamic prior weights configured: pass --dynamic.weights PATH_OR_URI (DR2_FFHQ.pkl for "
-                      "dynamic.prior dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
-                      "--dynamic.allow-random-weights true for a pipeline demo whose outputs are NOT restorations")
-            return 2
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
-                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+    missing = missing_prior_weights(cfg.dynamic) if cfg.method == "dynamic" else missing_dr2_weights(cfg.dr2)
+    if missing:
+        log.error("%s", missing)
         return 2
     version = code_version()
     random_label = random_init_label(cfg.dynamic.prior) if cfg.method == "dynamic" else dr2_random_label(cfg.dr2)
