@@ -266,7 +266,8 @@ class LoadUnits:
         if unit.kind == "files":
             ids = [r[0] for r in unit.rows]
             stems, errors, kinds = output_stems(ids)
-            batch = _sample_batch(ids, [r[1] for r in unit.rows], [""] * len(ids), stems, errors, kinds)
+            keys = [f"{i:06d}" for i in range(len(ids))]  # a loose file's key in its output shard: its position
+            batch = _sample_batch(ids, [r[1] for r in unit.rows], keys, stems, errors, kinds)
             yield 0, True, self.load.load(batch, None)
             return
         try:
