@@ -190,7 +190,8 @@ class Chain:
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             self.ds = ds.map_batches(as_task(
                 LoadUnits, load_cls=load_cls, load_kwargs=load_kwargs, shard_size=cfg.write.shard_size,
-                storage_options=so, retry=cfg.retry, image_member=cfg.image.member, image_column=cfg.image.column),
+                storage_options=so, retry=cfg.retry, image_member=cfg.image.member, image_column=cfg.image.column,
+                output=cfg.output, extensions=tuple(cfg.image.extensions)),
                 batch_size=1, num_cpus=1)
         else:
             ds = ray.data.from_pandas(blocks(plan.todo, block_rows))
