@@ -93,7 +93,8 @@ class BenchmarkImageConfig(ImageConfig):
 @dataclass(frozen=True)
 class BenchmarkConfig:
     input: str = opt("data/samples", "aligned faces: the ground truth (mode synthetic) or the degraded faces to "
-                                     "restore (mode real-world); folder/prefix, glob or URI list")
+                                     "restore (mode real-world); folder/prefix, glob, URI list, WebDataset .tar "
+                                     "shards or Parquet files of image bytes")
     mode: str = opt("synthetic", "synthetic: input = ground truth, degraded here with degradation.*; real-world: input "
                                  "= degraded faces without ground truth (no degradation; full-reference metrics not "
                                  "applicable; identity vs input; FID vs metrics.fid_reference)")

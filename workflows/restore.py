@@ -85,8 +85,9 @@ PHOTO_MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.i
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    input: str = opt("data/samples", "LQ aligned faces: folder/prefix, glob, or .parquet/.csv list with a 'uri' "
-                                     "column (optional 'id', 'N', 'tau' columns for per-sample settings)")
+    input: str = opt("data/samples", "LQ aligned faces: folder/prefix, glob, .parquet/.csv list with a 'uri' "
+                                     "column (optional 'id', 'N', 'tau' columns for per-sample settings), WebDataset "
+                                     ".tar shards (shard, folder, glob, brace pattern) or Parquet files of image bytes")
     output: str = opt("out/restore", "output prefix: restored/, dr2/, manifest/ and _summary.json go under it")
     seed: int = opt(0, "job seed: a sample's noise depends only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
