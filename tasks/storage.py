@@ -8,6 +8,7 @@ instance role); use redact() before logging any options.
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 import re
@@ -43,7 +44,9 @@ def fsspec_options(uri: str, storage_options: dict | None) -> dict:
     """storage_options for uri's filesystem, with bounded client timeouts on S3 unless given."""
     options = dict(storage_options or {})
     if uri.split("://", 1)[0] in ("s3", "s3a") and "://" in uri:
-        options["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})}
+        # a deep copy: botocore rewrites the nested retries dict in place, which would change fsspec's cache
+        # key after the first client and silently rebuild every process's first filesystem
+        options["config_kwargs"] = copy.deepcopy({**S3_CLIENT_DEFAULTS, **(options.get("config_kwargs") or {})})
     return options
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import posixpath
 import random
@@ -276,3 +277,16 @@ def test_redact_hides_secrets(s3_server):
     assert red["anon"] is False and red["password"] == ""
     assert repr(opts) == before  # input untouched
     assert redact(None) == {}
+
+
+def test_s3_client_defaults_are_not_rewritten_by_the_first_client(s3_server):
+    """botocore rewrites a Config's retries dict in place; fsspec keys its instance cache on the options."""
+    from tasks.storage import S3_CLIENT_DEFAULTS, get_fs
+
+    before = json.dumps(S3_CLIENT_DEFAULTS, sort_keys=True)
+    so = {"endpoint_url": s3_server.endpoint_url, "key": s3_server.access_key, "secret": s3_server.secret_key}
+    bucket = s3_server.new_bucket("cachekey")
+    fs1, _ = get_fs(f"s3://{bucket}/a", so)
+    fs1.ls(bucket)  # the first request builds the client
+    fs2, _ = get_fs(f"s3://{bucket}/a", so)
+    assert json.dumps(S3_CLIENT_DEFAULTS, sort_keys=True) == before and fs2 is fs1
