@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/bench_shards.py` without scripts/env.sh's PYTHONPATH
@@ -337,12 +338,28 @@ def run_in_process(cfg) -> dict:
     return {"ok": ok}
 
 
+def stage_fs(uri: str, storage_options: dict | None):
+    """The cached s3fs instance every stage's get_fs returns. The first client an s3fs instance creates
+    rewrites the nested `retries` dict of tasks.storage.S3_CLIENT_DEFAULTS (botocore turns max_attempts into
+    total_max_attempts), which changes the cache token: the instance made before that is never returned again.
+    So connect until get_fs gives the same instance twice."""
+    from tasks.storage import get_fs
+
+    fs = get_fs(uri, storage_options)[0]
+    for _ in range(3):
+        fs.s3  # noqa: B018 - connects (creates the client) outside the counted block
+        again = get_fs(uri, storage_options)[0]
+        if again is fs:
+            return fs
+        fs = again
+    raise RuntimeError(f"no stable fsspec instance for {uri}")
+
+
 def requests(args: argparse.Namespace) -> dict:
     import logging
 
     from bench.count_requests import count_requests
     from bench.make_dataset import make_dataset
-    from tasks.storage import get_fs
 
     logging.getLogger("tasks.dr2_stage").setLevel(logging.ERROR)  # the random-weights warning, once per mode
     work = Path(tempfile.mkdtemp(prefix="bench_shards_s3_", dir=args.workdir))
@@ -360,7 +377,7 @@ def requests(args: argparse.Namespace) -> dict:
 
             server, weed = start_seaweedfs(work)
             so = server.storage_options
-        bucket = server.make_bucket(args.bucket or f"bench-shards-{int(time.time())}")
+        bucket = server.make_bucket(args.bucket or f"bench-shards-{uuid.uuid4().hex[:10]}")
         src = f"s3://{bucket}/faces"
         t0 = time.perf_counter()
         make_dataset(src, args.count, "files", args.per_folder, args.size, "png", storage_options=so,
@@ -373,7 +390,7 @@ def requests(args: argparse.Namespace) -> dict:
             extra = ["--write.format", mode, "--write.shard-size", str(args.shard_size),
                      "--runtime.batch-size", str(args.batch_size), "--image.size", str(args.size)]
             cfg = augment_config(src, out, so, extra)
-            fs = get_fs(src, cfg.storage_options or None)[0]  # the cached instance every stage gets
+            fs = stage_fs(src, cfg.storage_options or None)
             t0 = time.perf_counter()
             with count_requests(fs) as counts:
                 r = run_in_process(cfg)
@@ -402,6 +419,12 @@ def requests(args: argparse.Namespace) -> dict:
     print(text_table(["output", "PUT/img", "GET/img", "LIST/img", "HEAD/img", "ratio_PUT", "ratio_LIST", "requests"],
                      body))
     wds = results["webdataset"]["per_image"]
+    k = results["webdataset"]["kinds"]
+    put_shard = (k.get("PUT", 0) - 1) / shards  # less the run's one _summary.json
+    list_fixed = max(0, k.get("LIST", 0) - -(-args.count // 1000))  # less the input listing's pages of 1000 keys
+    print(f"EXTRAPOLATED (not measured) to 10^6 images at shard size 1000: {put_shard:.2f} PUT per shard -> "
+          f"{put_shard / 1000 + 1 / 1e6:.4f} PUT/image; LIST = 1 page per 1000 listed inputs + {list_fixed} per run "
+          f"-> {1 / 1000 + list_fixed / 1e6:.4f} LIST/image (loose-file input; a tar input lists shards, not images)")
     print(f"webdataset: {wds['PUT']:.4f} PUT and {wds['LIST']:.4f} LIST per image (goal <= 0.01 each: "
           f"{'met' if wds['PUT'] <= 0.01 and wds['LIST'] <= 0.01 else 'NOT met'}; "
           f"{results['webdataset']['kinds'].get('PUT', 0) / shards:.2f} PUT per output shard)")
@@ -484,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=16, help="--runtime.batch-size of the DR2 stage")
     g.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting SeaweedFS here "
                                                     "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-    g.add_argument("--bucket", default=None, help="bucket (created if missing); default a new bench-shards-<time>")
+    g.add_argument("--bucket", default=None, help="bucket (created if missing); default a new bench-shards-<random>")
     g.add_argument("--workers", type=int, default=1, help="processes writing the input PNGs")
     g.add_argument("--workdir", **workdir)
 
