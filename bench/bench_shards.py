@@ -427,7 +427,7 @@ def requests(args: argparse.Namespace) -> dict:
           f"-> {1 / 1000 + list_fixed / 1e6:.4f} LIST/image (loose-file input; a tar input lists shards, not images)")
     print(f"webdataset: {wds['PUT']:.4f} PUT and {wds['LIST']:.4f} LIST per image (goal <= 0.01 each: "
           f"{'met' if wds['PUT'] <= 0.01 and wds['LIST'] <= 0.01 else 'NOT met'}; "
-          f"{results['webdataset']['kinds'].get('PUT', 0) / shards:.2f} PUT per output shard)")
+          f"{put_shard:.2f} PUT per output shard plus 1 for the run's _summary.json)")
     return results
 
 
