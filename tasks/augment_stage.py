@@ -10,6 +10,7 @@ import numpy as np
 
 from tasks.config import Sampled, opt
 from tasks.faults import RetryConfig
+from tasks.stage import Contract
 from tasks.write_stage import WriteConfig, WriteImages
 
 
@@ -37,10 +38,19 @@ def gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
 class BlurAndWrite(WriteImages):
     """Writes lq = blur_sigma(DR2 output) and, if configured, hq = the resized input."""
 
+    @classmethod
+    def contract(cls, write: AugmentWriteConfig, **kwargs) -> Contract:
+        images = super().contract(images=cls.images_of(write))
+        return Contract((*images.reads, "sigma"), images.adds)
+
+    @staticmethod
+    def images_of(write: AugmentWriteConfig) -> dict[str, str]:
+        return {"lq": "dr2", "hq": "image"} if write.hq else {"lq": "dr2"}
+
     def __init__(self, output: str, write: AugmentWriteConfig, storage_options: dict | None = None,
                  retry: RetryConfig | None = None):
-        images = {"lq": "dr2", "hq": "image"} if write.hq else {"lq": "dr2"}
-        super().__init__(output, images, write.png_compression, storage_options, retry=retry, format=write.format)
+        super().__init__(output, self.images_of(write), write.png_compression, storage_options, retry=retry,
+                         format=write.format)
 
     def pixels(self, batch: dict[str, np.ndarray], k: int, name: str) -> np.ndarray:
         rgb = super().pixels(batch, k, name)

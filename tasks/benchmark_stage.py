@@ -1,6 +1,6 @@
 """Benchmark stages: seeded synthetic degradation (CPU tasks), then methods + metrics (GPU actors).
 
-A sample enters as its HQ face (the ground truth, at `image.size`) and leaves as one row per method
+A sample enters as its HQ face (the ground truth, at `image.gt_size`) and leaves as one row per method
 with that method's metrics, its restored pixels and, when FID is on, its Inception features (one column per
 FID network, `features:<metric>`). In real-world mode a sample enters as the degraded face itself (no ground
 truth): `AsObserved` replaces the degradation, full-reference metrics are not applicable, identity compares
@@ -31,6 +31,7 @@ from tasks.degradation import degrade, draw_degradation
 from tasks.dr2_stage import DR2Config, DR2Stage
 from tasks.dynamic_stage import (
     DIFFUSE_MODES,
+    DYNAMIC_COLUMNS,
     DynamicConfig,
     DynamicStage,
     empty_info,
@@ -43,6 +44,7 @@ from tasks.manifest import ManifestWriter, manifest_prefix, shard_name
 from tasks.metrics import (
     FID_DIM,
     FID_METRICS,
+    METRIC_NAMES,
     FIDReference,
     FIDStats,
     MetricSuite,
@@ -53,6 +55,7 @@ from tasks.metrics import (
 )
 from tasks.restore_stage import Enhancer, EnhancerConfig, build_enhancer
 from tasks.runtime import RuntimeConfig, to_uint8
+from tasks.stage import PIXELS, Contract, Declared
 from tasks.storage import get_fs, join_under, write_bytes
 
 log = logging.getLogger(__name__)
@@ -120,12 +123,20 @@ def feature_column(metric: str, source: str = "restored") -> str:
     return f"{'gt_' if source == 'gt' else ''}features:{metric}"
 
 
-class AsObserved:
+DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg_quality": pa.int64(),
+             "deg_level": pa.string()}  # the others are float64
+DEGRADED = (("lq_pixels", PIXELS), *((c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS))
+
+
+class AsObserved(Declared):
     """Real-world mode's stand-in for `Degrade`: the input face is the method input; there is no ground truth.
 
     Sets `lq_pixels` to the image and `deg_level` to "real-world" (the report's only level); other degradation
     columns stay empty.
     """
+
+    READS = ("id", "image")
+    ADDS = DEGRADED
 
     LEVEL = "real-world"
 
@@ -153,8 +164,11 @@ def parse_methods(methods: list[dict]) -> list[dict]:
     return out
 
 
-class Degrade:
+class Degrade(Declared):
     """CPU batch function: GT -> LQ with per-sample parameters drawn from (job seed, id)."""
+
+    READS = ("id", "status", "image")
+    ADDS = DEGRADED
 
     def __init__(self, degradation: DegradationConfig, job_seed: int):
         self.preset = degradation.custom or degradation.preset
@@ -176,13 +190,22 @@ class Degrade:
         return out
 
 
-class BenchmarkStage:
+class BenchmarkStage(Declared):
     """GPU actor: every method on the batch (DR2 once per distinct (N, tau)), then batched metrics.
 
     Returns one row per (sample, method): the sample's columns, `method`, `restored` pixels at the GT size,
     the metric columns, and per FID network `features:<metric>` (pool3) (plus `gt_features:<metric>` on the
     first method's rows). real_world: the batch's image is the degraded input, there is no ground truth.
     """
+
+    @classmethod
+    def contract(cls, methods: list[dict], metrics: MetricsConfig, **kwargs) -> Contract:
+        scores = [m for m in metrics.names
+                  if m not in FID_METRICS and (m in METRIC_NAMES or m in (metrics.plugins or {}))]
+        return Contract(("id", "status", "stem", "image", "lq_pixels"), (
+            ("method", pa.string()), ("restored", PIXELS), ("N", pa.int64()), ("tau", pa.int64()),
+            ("omega", pa.int64()), ("seed", pa.int64()), ("weights", pa.string()),
+            *((m, pa.float64()) for m in scores)))
 
     def __init__(self, methods: list[dict], dr2: DR2Config, enhancer: EnhancerConfig, metrics: MetricsConfig,
                  runtime: RuntimeConfig, seed: int, model_size: int = 256, storage_options: dict | None = None,
@@ -405,6 +428,11 @@ class DynamicBenchmarkStage(BenchmarkStage):
     """BenchmarkStage plus dynamic methods: the dynamic sampler runs once per batch and distinct diffuse
     value (shared by the dynamic methods that differ only in their enhancer); their rows carry omega = the
     respaced start, the networks' weights and the per-sample dynamic annotations (mapper, blur levels)."""
+
+    @classmethod
+    def contract(cls, **kwargs) -> Contract:
+        base = BenchmarkStage.contract(**kwargs)
+        return Contract(base.reads, (*base.adds, *DYNAMIC_COLUMNS[1:]))
 
     def __init__(self, methods: list[dict], dynamic: DynamicConfig, dr2, enhancer: EnhancerConfig,
                  metrics: MetricsConfig, runtime: RuntimeConfig, seed: int, model_size: int = 256,

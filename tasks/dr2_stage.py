@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from models.diffusion import dr2_schedule
@@ -21,7 +22,7 @@ from models.noise import SeededNoise, sample_seed
 from models.unet import UNetModel, dr2_unet_config
 from tasks.config import Sampled, opt
 from tasks.runtime import NetworkHost, RuntimeConfig, to_model_range, to_uint8
-from tasks.stage import ImageStage, per_row
+from tasks.stage import PIXELS, ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,16 @@ def check_dr2_params(dr2: DR2Config, size: int) -> None:
         raise ValueError(f"--dr2.tau: every tau must be an integer step 0..99; got {dr2.tau.describe()!r}")
 
 
+def missing_dr2_weights(cfg: DR2Config) -> str | None:
+    """The one-line refusal of DR2 without weights when random-init is not allowed (said alike by the
+    workflows' drivers and the actors), else None."""
+    if cfg.weights or cfg.allow_random_weights:
+        return None
+    return ("no DR2 weights configured: set --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl, e.g. s3://bucket/DR2_FFHQ.pkl), "
+            "or --allow-random-weights for a pipeline demo whose outputs are random-init network outputs, NOT "
+            "restorations")
+
+
 def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tuple[UNetModel, str]:
     """The network and its weights identity; refuses to run without weights unless allowed."""
     if cfg.architecture not in ("ffhq256", "tiny"):
@@ -81,11 +92,9 @@ def build_dr2_unet(cfg: DR2Config, *, storage_options: dict | None = None) -> tu
             raise ValueError("dr2.weights can only be loaded into the 'ffhq256' architecture")
         identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options)
         return model, identity
-    if not cfg.allow_random_weights:
-        raise RuntimeError(
-            "no DR2 weights configured: set dr2.weights (e.g. --dr2.weights /models/DR2_FFHQ.pkl or "
-            "s3://bucket/DR2_FFHQ.pkl). For a demo of the pipeline only, pass --allow-random-weights: "
-            "its outputs are random-init network outputs, NOT restorations.")
+    missing = missing_dr2_weights(cfg)
+    if missing:
+        raise RuntimeError(missing)
     fill_zero_init(model)
     return model, dr2_random_label(cfg)
 
@@ -97,6 +106,9 @@ def dr2_random_label(cfg: DR2Config) -> str:
 
 class DR2Stage(NetworkHost, ImageStage):
     """Ray Data callable class: the network is built once per actor. Adds 'dr2' (uint8, the input's size)."""
+
+    READS = ("id", "status", "image", "N", "tau")
+    ADDS = (("dr2", PIXELS), ("omega", pa.int64()), ("seed", pa.int64()), ("weights", pa.string()))
 
     def __init__(self, dr2: DR2Config, runtime: RuntimeConfig, seed: int, storage_options: dict | None = None):
         self.cfg, self.seed = dr2, int(seed)

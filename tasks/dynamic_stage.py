@@ -2,10 +2,10 @@
 closed-form Gaussian guidance on a face prior -> optional enhancer. A per-batch callable (a Ray Data actor).
 
 Blur mapper (dynamic.diffuse): the image diffused to the start step and the source of the guides at known
-blur levels. dr2 = DR2's x0-hat (the prior network when it has DR2's layout, else the workflow's DR2
-network), re-blurred by the spectral estimator's known extra levels; dblm = a learned DBLM plug-in's images;
-input = the raw degraded input, only when asked for. See models/dynamic.py for which parts are the paper's
-and which are training-free substitutes.
+blur levels. dr2 = DR2's x0-hat at the workflow's fixed dr2.N / dr2.tau (the prior network when it has
+DR2's layout, else the workflow's DR2 network), re-blurred by the spectral estimator's known extra levels;
+dblm = a learned DBLM plug-in's images; input = the raw degraded input, only when asked for. See
+models/dynamic.py for which parts are the paper's and which are training-free substitutes.
 
 In: batch["image"] uint8 (B, S, S, 3), batch["id"], batch["status"] ("ok" rows are processed). Out:
 batch["dr2"] uint8 (the diffusion output at the prior's size, written by --write.dr2), batch["restored"],
@@ -37,13 +37,13 @@ from models.enhancers import enhance
 from models.guidance import guidance_scale_map
 from models.noise import SeededNoise, derive_seed, sample_seed
 from models.unet import UNetModel, difface_unet_config, dr2_unet_config
-from tasks.config import opt
+from tasks.config import Sampled, opt
 from tasks.dr2_stage import TINY_UNET, DR2Config, DR2Stage
 from tasks.images import resize_to
 from tasks.plugins import build_network, import_plugin
 from tasks.restore_stage import EnhancerConfig, build_enhancer
 from tasks.runtime import NetworkHost, RuntimeConfig, autocast_on, to_model_range, to_uint8
-from tasks.stage import ImageStage, per_row
+from tasks.stage import PIXELS, ImageStage, per_row
 from tasks.weights import RANDOM_INIT, fill_zero_init, load_weights, random_init_label
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ class DynamicConfig:
                                          "calibrated on ONE assumption (4 px at 512 starts at DifFace's t = 400)")
     max_start: int = opt(-1, "cap on the respaced start step (cost control); -1 = none")
     diffuse: str = opt("auto", "what is diffused to the start step and made into the guides: dr2 = DR2's x0-hat "
-                               "(a smooth, degradation-free face: the prior network when it is dr2-256/tiny, else "
-                               "the workflow's dr2.* network), re-blurred by guide_blur at known levels | dblm = the "
-                               "learned DBLM's (dynamic.estimator) blurred images, the sharpest diffused | input = the "
+                               "at dr2.N / dr2.tau (fixed values; a smooth, degradation-free face: the prior network "
+                               "when it is dr2-256/tiny, else the workflow's dr2.* network), re-blurred by "
+                               "guide_blur at known levels | dblm = the learned DBLM's (dynamic.estimator) blurred "
+                               "images, the sharpest diffused | input = the "
                                "raw degraded input (noise, JPEG and resampling included, which the Gaussian guidance "
                                "model cannot explain) | auto = dblm with a learned estimator, else dr2")
     estimator: str = opt("spectral", "blur-level estimator: spectral (TRAINING-FREE SUBSTITUTE for DynFaceRestore's "
@@ -107,8 +108,6 @@ class DynamicConfig:
     guide_blur: list[float] = opt([2.0, 1.0, 0.0], "spectral estimator: extra blur per guide (px at 512), "
                                                   "strictly decreasing; G = its length; sigma_g = hypot(sigma, d_g)")
     sharp_sigma: float = opt(1.6, "spectral estimator: total blur of a sharp face (px at 512), removed in quadrature")
-    dr2_N: int = opt(4, "diffuse dr2: DR2's N")
-    dr2_tau: int = opt(22, "diffuse dr2: DR2's tau")
     gamma: float = opt(0.5, "strength of the paper's closed-form Gaussian guidance per active guide (0 = unguided "
                             "DDIM from the DSST start); the padded FFT solve is exact for the circular model only")
     eta: float | None = opt(None, "DDIM eta for every sample; unset = per sample eta_scale * sigma_est (px at 512)")
@@ -132,17 +131,29 @@ class DynamicConfig:
                              f"got {self.start_convention!r}")
         if self.diffuse not in DIFFUSE_MODES:
             raise ValueError(f"dynamic.diffuse must be one of {', '.join(DIFFUSE_MODES)}, got {self.diffuse!r}")
-        try:
-            DR2Params.of(self.dr2_N, self.dr2_tau)
-        except ValueError as e:
-            raise ValueError(f"dynamic.dr2_N / dynamic.dr2_tau: {e}") from None
+
+
+def mapper_dr2_params(dr2: DR2Config | None) -> DR2Params:
+    """DR2's (N, tau) for the dr2 blur mapper: the workflow's dr2.N / dr2.tau (DR2Config defaults without a dr2
+    section), which must be one fixed value each: the mapper runs one DR2 setting for every sample."""
+    dr2 = dr2 or DR2Config()
+    N, tau = Sampled.parse(dr2.N), Sampled.parse(dr2.tau)  # a DR2Config built in code may hold plain ints
+    for name, spec in (("N", N), ("tau", tau)):
+        if len(spec.values) != 1 or not isinstance(spec.values[0], int) or isinstance(spec.values[0], bool):
+            raise ValueError(f"--dr2.{name}: dynamic.diffuse dr2 needs one fixed integer value (the blur mapper runs "
+                             f"one DR2 setting for every sample), got {spec.describe()!r}")
+    try:
+        return DR2Params.of(N.values[0], tau.values[0])
+    except ValueError as e:
+        raise ValueError(f"--dr2.N / --dr2.tau: {e}") from None
 
 
 def resolve_diffuse(cfg: DynamicConfig, dr2: DR2Config | None, diffuse: str | None = None) -> str:
     """The mapper that `diffuse` (default cfg.diffuse) names, or ValueError saying which option to set.
 
     dr2 needs a DR2 network: the prior itself when it has DR2's layout, else dr2.* with weights (or
-    allow_random_weights for a demo). A learned estimator is a DBLM: it pairs with dblm or input only.
+    allow_random_weights for a demo), and one fixed dr2.N / dr2.tau (mapper_dr2_params). A learned estimator
+    is a DBLM: it pairs with dblm or input only.
     """
     mode = cfg.diffuse if diffuse is None else diffuse
     if mode not in DIFFUSE_MODES:
@@ -159,11 +170,23 @@ def resolve_diffuse(cfg: DynamicConfig, dr2: DR2Config | None, diffuse: str | No
     if mode == "dr2" and cfg.prior not in DR2_PRIORS and not (dr2 and (dr2.weights or dr2.allow_random_weights)):
         raise ValueError(f"dynamic.diffuse dr2 needs a DR2 network and the prior {cfg.prior!r} is not one: set "
                          "--dr2.weights (DR2_FFHQ.pkl), or choose --dynamic.diffuse input to diffuse the raw input")
+    if mode == "dr2":
+        mapper_dr2_params(dr2)
     return mode
 
 
 def resolve_path(path: str) -> str:
     return path if "://" in path or os.path.isabs(path) else str(ROOT / path)
+
+
+def missing_prior_weights(cfg: DynamicConfig) -> str | None:
+    """The one-line refusal of a prior without weights when random-init is not allowed (said alike by the
+    drivers and the actors), else None."""
+    if cfg.weights or cfg.allow_random_weights:
+        return None
+    return (f"no weights configured for the dynamic prior {cfg.prior!r}: set --dynamic.weights PATH_OR_URI "
+            "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
+            "--dynamic.allow-random-weights true for a demo whose outputs are NOT restorations")
 
 
 def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> tuple[UNetModel, str, int | None]:
@@ -178,10 +201,9 @@ def build_prior(cfg: DynamicConfig, *, storage_options: dict | None = None) -> t
         identity = load_weights(model, cfg.weights, sha256=cfg.sha256, storage_options=storage_options,
                                 key=cfg.weights_key)
         return model, identity, native
-    if not cfg.allow_random_weights:
-        raise RuntimeError(f"no weights configured for the dynamic prior {cfg.prior!r}: set dynamic.weights "
-                           "(DR2_FFHQ.pkl for dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
-                           "dynamic.allow_random_weights for a demo whose outputs are NOT restorations")
+    missing = missing_prior_weights(cfg)
+    if missing:
+        raise RuntimeError(missing)
     fill_zero_init(model)
     return model, random_init_label(cfg.prior), native
 
@@ -247,6 +269,10 @@ class DynamicStage(NetworkHost, ImageStage):
     by side); default: dynamic.diffuse alone.
     """
 
+    READS = ("id", "status", "image")
+    ADDS = (("dr2", PIXELS), ("restored", PIXELS), ("omega", pa.int64()), ("seed", pa.int64()),
+            ("weights", pa.string()), ("enhancer_weights", pa.string()), *DYNAMIC_COLUMNS)
+
     def __init__(self, dynamic: DynamicConfig, enhancer: EnhancerConfig | None, runtime: RuntimeConfig, seed: int,
                  storage_options: dict | None = None, dr2: DR2Config | None = None,
                  diffuse_modes: list[str] | None = None):
@@ -259,6 +285,7 @@ class DynamicStage(NetworkHost, ImageStage):
         self.estimator, self.estimator_identity = build_estimator(dynamic, self.device, storage_options)
         # the DR2 mapper: the prior itself when it has DR2's layout, else the workflow's DR2 network (at 256)
         self.dr2_host, self.dr2_size, labels = None, None, [self.prior_weights]
+        self.dr2_params = mapper_dr2_params(dr2) if "dr2" in self.modes.values() else None
         if "dr2" in self.modes.values() and dynamic.prior not in DR2_PRIORS:
             self.dr2_host = DR2Stage(dr2, runtime, seed, storage_options)
             self.dr2_size = 256 if dr2.architecture == "ffhq256" else None
@@ -290,7 +317,7 @@ class DynamicStage(NetworkHost, ImageStage):
     def _dr2_estimate(self, images: np.ndarray, seeds: list[int], size: int) -> tuple[torch.Tensor, str]:
         """DR2's x0-hat of uint8 faces at the sampling size, and the mapper's label. Its draws are derived
         apart from the chain's, so the chain's init noise is independent of DR2's."""
-        p = DR2Params.of(self.cfg.dr2_N, self.cfg.dr2_tau)
+        p = self.dr2_params
         noise = SeededNoise([derive_seed("dr2-estimate", s) for s in seeds])
         if self.dr2_host is None:
             network, identity, dr2_size = self._network, self.prior_weights, size

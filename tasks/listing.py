@@ -44,7 +44,9 @@ def _output_stem(sample_id: str) -> str:
 
 
 def list_inputs(spec: str, storage_options: dict | None = None,
-                extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Listing:
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS, recursive: bool = True) -> Listing:
+    """The sample table of an input; recursive=False lists a folder's own files only (its subfolders are
+    listed elsewhere: tasks/units.py)."""
     fs, path = get_fs(spec, storage_options)
     prefix = _protocol_prefix(fs, spec)
     exts = tuple("." + e.lower().lstrip(".") for e in extensions)
@@ -66,7 +68,9 @@ def list_inputs(spec: str, storage_options: dict | None = None,
             files = fs.glob(path)
             root = path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
-            files, root = fs.find(path), path.rstrip("/")
+            root = path.rstrip("/")
+            files = fs.find(path) if recursive else [e["name"] for e in fs.ls(root, detail=True)
+                                                      if e["type"] != "directory"]
         elif fs.isfile(path):
             files, root = [path], posixpath.dirname(path)
         else:

@@ -12,13 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from models.noise import derive_seed
 from tasks.config import Sampled, opt
 from tasks.faults import RetryConfig, SampleError, row_failure
 from tasks.images import decode_image, prepare_face
 from tasks.listing import list_inputs
+from tasks.stage import PIXELS, STATUS, Contract, Declared
 from tasks.storage import read_sources
+
+LISTING_COLUMNS = ("id", "source", "stem", "key_error", "key_error_kind")  # tasks/listing.py and tasks/units.py
+LOADED = (*[(c, pa.string()) for c in STATUS], ("src_format", pa.string()), ("src_width", pa.int64()),
+          ("src_height", pa.int64()), ("src_converted", pa.string()))
+PARAM_TYPES = {"N": pa.int64(), "tau": pa.int64(), "sigma": pa.float64()}  # per-sample parameters' manifest types
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,14 @@ def draw_params(job_seed: int, sample_id: str, specs: dict[str, Sampled]) -> dic
             for name, spec in specs.items()}
 
 
-class LoadFaces:
+class LoadFaces(Declared):
     """Ray Data batch function: (id, source, stem, key_error, key_error_kind) -> + image, status, error_kind,
     error, src_*, params."""
+
+    @classmethod
+    def contract(cls, specs: dict, **kwargs) -> Contract:
+        return Contract(LISTING_COLUMNS, (("image", PIXELS), *LOADED,
+                                          *((name, PARAM_TYPES.get(name, pa.float64())) for name in specs)))
 
     def __init__(self, image: ImageConfig, specs: dict[str, Sampled], job_seed: int,
                  storage_options: dict | None = None, retry: RetryConfig | None = None):

@@ -13,17 +13,22 @@ Stages (restore.py assembles them when photos.mode is photos or auto):
                             with --photos.upscale S and a network upsampler, the photos' backgrounds too
                             (tiled, tasks/upsample.py); with a parser, each restored face's parsing mask
   PasteAndWrite (CPU task)  paste-back at the upscaled geometry, PNGs, the face rows' shard
+
+Faces travel between these stages as typed records, read by name: `plans` holds each photo's PlannedFace
+records (every detected face), `faces_info` its RestoredFace records (every restored face's annotations,
+keyed by face_index), each column cell a JSON list (encode_faces / decode_faces).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.align import AlignConfig, align_faces, paste_back, plan_faces
+from tasks.align import AlignConfig, FacePlan, align_faces, paste_back, plan_faces
 from tasks.config import Sampled, opt
 from tasks.detect import DetectorConfig, build_detector
 from tasks.faults import TRANSIENT, RetryConfig, TransientError, row_failure
@@ -71,6 +76,69 @@ class PhotoConfig:
     parser: ParserConfig = ParserConfig()
 
 
+@dataclass(frozen=True)
+class PlannedFace:
+    """One detected face's plan as it travels from DetectAlign to PhotoRestore and PasteAndWrite (the `plans`
+    column): the face row's plan columns, read by name. Floats are None where they are undefined."""
+
+    face_index: int  # detection order within the photo: the face's key ("<photo id>#fNN")
+    status: str  # ok | too_small | over_cap | invalid
+    reason: str = ""  # why it is not ok, or a note for an ok face
+    score: float | None = None
+    box: list[float] | None = None  # x0, y0, x1, y1 in the photo
+    landmarks: list[float] | None = None  # x0, y0, ..., x4, y4 in the photo
+    eye_distance: float | None = None
+    face_side: float | None = None
+    border_fraction: float | None = None
+    affine: list[float] | None = None  # photo -> crop, 2x3 row-major
+    face_size: int = 0
+
+    @classmethod
+    def of(cls, plan: FacePlan) -> PlannedFace:
+        return cls(**plan.row())
+
+    def matrix(self) -> np.ndarray:
+        return np.array(self.affine, np.float64).reshape(2, 3)
+
+    def columns(self) -> dict:
+        """The face row's plan columns (the reason goes to `error` or `note`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "reason"}
+
+
+@dataclass(frozen=True)
+class RestoredFace:
+    """One restored face's annotations, from PhotoRestore to PasteAndWrite (the `faces_info` column): the
+    restoration stage's per-row columns for the face `face_index`; None where the stage has no such column."""
+
+    face_index: int
+    seed: int | None = None
+    weights: str | None = None
+    omega: int | None = None
+    enhancer_weights: str | None = None
+    restore_method: str | None = None
+    sigma_est: float | None = None
+    guide_sigmas: str | None = None
+    start_t: int | None = None
+    eta: float | None = None
+    blur_mapper: str | None = None
+    diffused_sigma: float | None = None
+    start_convention: str | None = None
+    scale_map: str | None = None
+
+    def columns(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "face_index"}
+
+
+def encode_faces(faces: list[PlannedFace] | list[RestoredFace]) -> str:
+    """A photo's faces as one cell of a Ray Data column (a JSON list of the records' fields)."""
+    return json.dumps([dataclasses.asdict(f) for f in faces])
+
+
+def decode_faces(kind: type, text: str) -> list:
+    """The records encode_faces wrote; a field that is not one of `kind`'s is an error, not ignored."""
+    return [kind(**d) for d in json.loads(text)]
+
+
 def face_id(photo_id: str, index: int) -> str:
     return f"{photo_id}#f{index:02d}"
 
@@ -112,21 +180,22 @@ class LoadPhotos:
 
 
 class DetectAlign:
-    """Ray Data callable class (CPU actors): detector built once; adds crops (K,S,S,3), plans (JSON)."""
+    """Ray Data callable class (CPU actors): detector built once; adds plans (encoded PlannedFace records, every
+    detected face) and crops (K,S,S,3): crops[i] is the i-th ok face's aligned crop."""
 
     def __init__(self, detector: DetectorConfig, align: AlignConfig, storage_options: dict | None = None):
         self.detector = build_detector(detector, storage_options)
         self.identity = getattr(self.detector, "identity", detector.name)
         self.align = align
 
-    def _aligned_input(self, photo: np.ndarray) -> tuple[list[dict], list[np.ndarray]]:
+    def _aligned_input(self, photo: np.ndarray) -> tuple[list[PlannedFace], list[np.ndarray]]:
         """An aligned crop (auto mode) is its own single face: resized, never pasted."""
         s = self.align.face_size / photo.shape[0]
-        row = {"face_index": 0, "status": "ok", "reason": "aligned input (auto mode): restored as a crop",
-               "score": None, "box": [0.0, 0.0, float(photo.shape[1]), float(photo.shape[0])], "landmarks": None,
-               "eye_distance": None, "face_side": float(photo.shape[0]), "border_fraction": 0.0,
-               "affine": [s, 0.0, 0.0, 0.0, s, 0.0], "face_size": self.align.face_size}
-        return [row], [resize_to(photo, self.align.face_size)]
+        face = PlannedFace(face_index=0, status="ok", reason="aligned input (auto mode): restored as a crop",
+                           box=[0.0, 0.0, float(photo.shape[1]), float(photo.shape[0])],
+                           face_side=float(photo.shape[0]), border_fraction=0.0, affine=[s, 0.0, 0.0, 0.0, s, 0.0],
+                           face_size=self.align.face_size)
+        return [face], [resize_to(photo, self.align.face_size)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, size = len(batch["id"]), self.align.face_size
@@ -149,7 +218,7 @@ class DetectAlign:
                 photo = batch["photo"][k]
                 p = plan_faces([f.landmarks for f in faces], [f.score for f in faces], photo.shape, self.align,
                                [f.box for f in faces])
-                plans[k] = json.dumps([x.row() for x in p])
+                plans[k] = encode_faces([PlannedFace.of(x) for x in p])
                 ok = align_faces(photo, p, self.align)
                 crops[k] = np.stack(ok) if ok else _empty_crops(size)
             except Exception as e:
@@ -157,8 +226,8 @@ class DetectAlign:
                 error[k] = f"face detection/alignment failed: {type(e).__name__}: {e}"
         for k in range(n):
             if status[k] == "ok" and batch["kind"][k] == "aligned":
-                rows, ok = self._aligned_input(batch["photo"][k])
-                plans[k], crops[k] = json.dumps(rows), np.stack(ok)
+                faces, ok = self._aligned_input(batch["photo"][k])
+                plans[k], crops[k] = encode_faces(faces), np.stack(ok)
         out = dict(batch)
         out.update(crops=_objects(crops), plans=np.array(plans, dtype=object), status=np.array(status, dtype=object),
                    error_kind=np.array(kinds, dtype=object), error=np.array(error, dtype=object),
@@ -171,11 +240,11 @@ class PhotoRestore:
     every ok crop of the batch's photos goes through it in chunks of `chunk` faces.
 
     A face's seed comes from (job seed, "<photo id>#fNN"), so its result does not depend on which photos
-    share its batch. Adds restored_faces (K,R,R,3) per photo and faces_info (JSON: per-face annotations).
+    share its batch. Adds restored_faces (K,R,R,3) per photo and faces_info (encoded RestoredFace records):
+    restored_faces[j] is the face faces_info[j] names by its face_index.
     """
 
-    ANNOTATIONS = ("seed", "weights", "omega", "enhancer_weights", "restore_method", "sigma_est", "guide_sigmas",
-                   "start_t", "eta", "blur_mapper", "diffused_sigma", "start_convention", "scale_map")
+    ANNOTATIONS = tuple(f.name for f in dataclasses.fields(RestoredFace) if f.name != "face_index")
 
     def __init__(self, stage_cls, stage_kwargs: dict, chunk: int, upsampler: UpsamplerConfig | None = None,
                  upscale: int = 1, parser: ParserConfig | None = None):
@@ -204,17 +273,20 @@ class PhotoRestore:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
-        owner, ids, crops = [], [], []
+        owner, index, ids, crops = [], [], [], []
         for k in range(n):
             if batch["status"][k] != "ok":
                 continue
-            ok_rows = [r for r in json.loads(batch["plans"][k]) if r["status"] == "ok"]
-            for r, crop in zip(ok_rows, batch["crops"][k]):
+            ok_faces = [f for f in decode_faces(PlannedFace, batch["plans"][k]) if f.status == "ok"]
+            if len(ok_faces) != len(batch["crops"][k]):
+                raise ValueError(f"{batch['id'][k]}: {len(ok_faces)} ok faces but {len(batch['crops'][k])} crops")
+            for face, crop in zip(ok_faces, batch["crops"][k]):
                 owner.append(k)
-                ids.append(face_id(str(batch["id"][k]), r["face_index"]))
+                index.append(face.face_index)
+                ids.append(face_id(str(batch["id"][k]), face.face_index))
                 crops.append(crop)
         restored: list[list[np.ndarray]] = [[] for _ in range(n)]
-        info: list[list[dict]] = [[] for _ in range(n)]
+        info: list[list[RestoredFace]] = [[] for _ in range(n)]
         for i in range(0, len(ids), self.chunk):
             sl = slice(i, i + self.chunk)
             faces = {"id": np.array(ids[sl], dtype=object), "image": np.stack(crops[sl]),
@@ -223,12 +295,12 @@ class PhotoRestore:
                 if name in batch:
                     faces[name] = np.array([batch[name][k] for k in owner[sl]])
             out = self.stage(faces)
-            for j, k in enumerate(owner[sl]):
+            for j, (k, face_index) in enumerate(zip(owner[sl], index[sl])):
                 restored[k].append(out["restored"][j])
-                info[k].append({a: _plain(out[a][j]) for a in self.ANNOTATIONS if a in out})
+                info[k].append(RestoredFace(face_index, **{a: _plain(out[a][j]) for a in self.ANNOTATIONS if a in out}))
         out_size = restored_size(restored, batch.pop("crops"))  # paste-back needs the restored faces only
         batch["restored_faces"] = _objects([np.stack(r) if r else _empty_crops(out_size) for r in restored])
-        batch["faces_info"] = np.array([json.dumps(x) for x in info], dtype=object)
+        batch["faces_info"] = np.array([encode_faces(x) for x in info], dtype=object)
         batch["weights"] = np.array([self.weights] * n, dtype=object)
         if self.upsampler is not None:
             self._backgrounds(batch)
@@ -280,19 +352,21 @@ class PasteAndWrite:
         bg = batch["background"][k]
         return bg if bg.flags.writeable else bg.copy()  # zero-copy from Ray's object store: read-only
 
-    def _photo(self, batch, k: int, rows: list[dict], faces: np.ndarray) -> tuple[np.ndarray, str]:
-        photo = batch["photo"][k]
+    def _photo(self, batch, k: int, plans: list[PlannedFace], at: dict[int, int]) -> tuple[np.ndarray, str]:
+        """The restored photo and its note; at: face_index -> the face's place in restored_faces / face_masks."""
+        photo, faces = batch["photo"][k], batch["restored_faces"][k]
         if batch["kind"][k] == "aligned":
-            return faces[0], ("aligned input: the restored crop (photos.mode auto takes every square input as an "
-                              "aligned face crop; use photos.mode photos to detect faces in square photos)")
+            return faces[at[plans[0].face_index]], (
+                "aligned input: the restored crop (photos.mode auto takes every square input as an aligned face "
+                "crop; use photos.mode photos to detect faces in square photos)")
         up = self.align.upscale
         unchanged = "passed through unchanged" if up == 1 else f"only upscaled x{up}"
-        ok = [r for r in rows if r["status"] == "ok"]
-        matrices = [np.array(r["affine"], np.float64).reshape(2, 3) for r in ok]
-        masks = list(batch["face_masks"][k]) if "face_masks" in batch else None
-        out = paste_back(photo, list(faces[: len(ok)]), matrices, self.align, canvas=self._background(batch, k),
-                         masks=masks)
-        if not rows:
+        ok = [p for p in plans if p.status == "ok"]
+        places = [at[p.face_index] for p in ok]
+        masks = [batch["face_masks"][k][j] for j in places] if "face_masks" in batch else None
+        out = paste_back(photo, [faces[j] for j in places], [p.matrix() for p in ok], self.align,
+                         canvas=self._background(batch, k), masks=masks)
+        if not plans:
             return out, f"no faces detected: photo {unchanged}"
         if not ok:
             return out, f"no face restorable (see faces manifest): photo {unchanged}"
@@ -308,30 +382,34 @@ class PasteAndWrite:
             if status[k] != "ok":
                 continue
             try:
-                rows = json.loads(batch["plans"][k])
-                faces, info = batch["restored_faces"][k], json.loads(batch["faces_info"][k])
+                plans = decode_faces(PlannedFace, batch["plans"][k])
+                infos = decode_faces(RestoredFace, batch["faces_info"][k])
+                at = {info.face_index: j for j, info in enumerate(infos)}
+                faces = batch["restored_faces"][k]
                 stem, pid = str(batch["stem"][k]), str(batch["id"][k])
-                out, notes[k] = self._photo(batch, k, rows, faces)
+                out, notes[k] = self._photo(batch, k, plans, at)
                 if self.upsampler_note and batch["kind"][k] == "photo":
                     notes[k] = "; ".join(x for x in (notes[k], self.upsampler_note) if x)
                 uris[k] = self._put("restored", stem, out)
-                detected[k] = len(rows) if batch["kind"][k] == "photo" else 0
-                j = 0
-                for r in rows:
-                    reason = r.pop("reason", "")
-                    row = dict(r, id=face_id(pid, r["face_index"]), photo_id=pid, source=batch["source"][k],
-                               error=reason if r["status"] != "ok" else "", note=reason if r["status"] == "ok" else "",
+                detected[k] = len(plans) if batch["kind"][k] == "photo" else 0
+                done = 0
+                for plan in plans:
+                    ok = plan.status == "ok"
+                    row = dict(plan.columns(), id=face_id(pid, plan.face_index), photo_id=pid,
+                               source=batch["source"][k], error="" if ok else plan.reason,
+                               note=plan.reason if ok else "",
                                detector=batch["detector"][k], N=_plain(batch["N"][k]) if "N" in batch else None,
                                tau=_plain(batch["tau"][k]) if "tau" in batch else None, restored="")
-                    if r["status"] == "ok":
-                        row.update(info[j])
+                    if ok:
+                        j = at[plan.face_index]
+                        row.update(infos[j].columns())
                         if self.write_faces:
-                            row["restored"] = self._put(f"{FACES_DIR}/restored", f"{stem}_f{r['face_index']:02d}",
+                            row["restored"] = self._put(f"{FACES_DIR}/restored", f"{stem}_f{plan.face_index:02d}",
                                                         faces[j])
-                        j += 1
+                        done += 1
                     face_rows.append(row)
-                restored[k] = j
-                skipped[k] = len(rows) - j
+                restored[k] = done
+                skipped[k] = len(plans) - done
             except Exception as e:  # a failed paste or write is this photo's error row (transient: uncommitted)
                 status[k], kinds[k], error[k] = row_failure(e, "write")
                 error[k] = f"paste-back/write failed: {error[k]}"

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from tasks.config import opt, shown_config
 from tasks.faults import RetryConfig, TransientError, retry_call
 from tasks.listing import InputNotFoundError, list_inputs
-from tasks.manifest import BUSY_COLUMN, committed_ids, compact_manifest, manifest_prefix, write_summary
+from tasks.manifest import BASE_SCHEMA, BUSY_COLUMN, committed_ids, compact_manifest, manifest_prefix, write_summary
+from tasks.stage import check_chain
 from tasks.storage import join_under, redact
 from tasks.weights import WeightsError, WeightsNotFoundError
 
@@ -176,24 +178,35 @@ class Chain:
     """
 
     def __init__(self, ray, plan, cfg, load_cls: type, load_kwargs: dict):
-        from tasks.units import LoadUnits, UnitPlan
+        from tasks.units import UNIT_SOURCE, LoadUnits, UnitPlan
 
         self.ray, self.cfg, self.units = ray, cfg, isinstance(plan, UnitPlan)
+        self.source = list(UNIT_SOURCE) if self.units else list(plan.todo.columns)
+        self.stages: list[tuple[type, dict]] = []
+        self.declare(load_cls, load_kwargs)
         so, block_rows = cfg.storage_options or None, cfg.cluster.block_rows
         if self.units:
             items = [{"unit": u.to_json()} for u in plan.units]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             self.ds = ds.map_batches(as_task(
                 LoadUnits, load_cls=load_cls, load_kwargs=load_kwargs, shard_size=cfg.write.shard_size,
-                storage_options=so, retry=cfg.retry, image_member=cfg.image.member, image_column=cfg.image.column),
+                storage_options=so, retry=cfg.retry, image_member=cfg.image.member, image_column=cfg.image.column,
+                output=cfg.output, extensions=tuple(cfg.image.extensions)),
                 batch_size=1, num_cpus=1)
         else:
             ds = ray.data.from_pandas(blocks(plan.todo, block_rows))
             self.ds = ds.map_batches(as_task(load_cls, **load_kwargs), batch_size=block_rows, num_cpus=1)
 
+    def declare(self, stage_cls: type, kwargs: dict) -> list[tuple[str, object]]:
+        """Add a stage to the chain's contract; refuses (ContractError) a stage reading a column no earlier
+        stage adds, when the pipeline is built, before any data moves. Returns the chain's typed columns."""
+        self.stages.append((stage_cls, kwargs))
+        return check_chain(self.source, self.stages)
+
     def cpu(self, stage_cls: type, **kwargs) -> Chain:
         from tasks.units import per_unit
 
+        self.declare(stage_cls, kwargs)
         if self.units:
             self.ds = self.ds.map_batches(as_task(per_unit(stage_cls), **kwargs), batch_size=1, num_cpus=1)
         else:
@@ -205,6 +218,7 @@ class Chain:
         """A model stage on an actor pool (Ray restarts dead actors and retries their batches), timed."""
         from tasks.units import per_unit
 
+        self.declare(stage_cls, kwargs)
         rt = self.cfg.runtime
         cls, batch_size = timed(stage_cls), rt.batch_size
         if self.units:  # one unit per call, run in slices of the model's batch size
@@ -214,14 +228,23 @@ class Chain:
         return self
 
     def commit(self, writer: tuple[type, dict], manifest: tuple[type, dict], rows: int | None = None):
-        """The tail: write the images, then commit the manifest shard; returns the dataset of shard stats."""
-        from tasks.units import CommitUnit, manifest_kwargs_for_units
+        """The tail: write the images, then commit the manifest shard; returns the dataset of shard stats.
+        The manifest's columns are the typed columns the chain's stages declare (tasks/stage.py), plus the
+        per-job constants and, per unit, the shard columns."""
+        from tasks.units import UNIT_COLUMNS, CommitUnit
 
+        typed = self.declare(*writer)
+        self.declare(*manifest)
+        constants = manifest[1].get("constants", {})
+        columns = [(n, t) for n, t in typed if n not in BASE_SCHEMA.names] + [
+            (n, pa.int64() if isinstance(v, int) else pa.string()) for n, v in constants.items()
+            if n not in BASE_SCHEMA.names and n not in dict(typed)] + (UNIT_COLUMNS if self.units else [])
+        manifest = (manifest[0], {**manifest[1], "columns": columns})
         if not self.units:
             return write_and_commit(self.ds, writer, manifest, rows or self.cfg.cluster.manifest_rows)
         so = self.cfg.storage_options or None
         return self.ds.map_batches(as_task(
-            CommitUnit, writer=writer, manifest=(manifest[0], manifest_kwargs_for_units(manifest[1])),
+            CommitUnit, writer=writer, manifest=manifest,
             output=self.cfg.output, format=self.cfg.write.format, storage_options=so, retry=self.cfg.retry),
             batch_size=1, num_cpus=1)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from models.enhancers import BUILTIN, enhance
@@ -19,7 +20,7 @@ from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage
 from tasks.plugins import build_network, import_plugin
 from tasks.runtime import RuntimeConfig, autocast_on, half_dtype, resolve_device, to_model_range, to_uint8
-from tasks.stage import ImageStage, per_row
+from tasks.stage import PIXELS, ImageStage, per_row
 from tasks.write_stage import WriteConfig
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ def build_enhancer(cfg: EnhancerConfig, device: torch.device, storage_options: d
 class RestoreStage(ImageStage):
     """Shared topology: DR2 and the enhancer in one actor. Adds 'dr2' (uint8 256) and 'restored'."""
 
+    READS = DR2Stage.READS
+    ADDS = (*DR2Stage.ADDS, ("restored", PIXELS), ("enhancer_weights", pa.string()))
+
     def __init__(self, dr2: DR2Config, enhancer: EnhancerConfig, runtime: RuntimeConfig, seed: int,
                  storage_options: dict | None = None):
         self.dr2 = DR2Stage(dr2, runtime, seed, storage_options)
@@ -93,6 +97,9 @@ class RestoreStage(ImageStage):
 
 class EnhanceStage(ImageStage):
     """Separate topology: the enhancer alone, reading DR2's uint8 intermediate."""
+
+    READS = ("status", "dr2")
+    ADDS = (("restored", PIXELS), ("enhancer_weights", pa.string()))
 
     def __init__(self, enhancer: EnhancerConfig, runtime: RuntimeConfig, storage_options: dict | None = None):
         self.device = resolve_device(runtime.device)

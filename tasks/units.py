@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 SHARD_INPUTS = {".tar": "tar", ".parquet": "parquet"}
 UNIT_COLUMNS = [("shard", pa.string()), ("key", pa.string()), ("meta", pa.string())]  # manifest columns
+UNIT_SOURCE = ("id", "source", "key", "stem", "key_error", "key_error_kind", "meta")  # what LoadUnits hands on
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 _LAST = "-last"
 
@@ -191,14 +192,11 @@ def plan_units(spec: str, output: str, storage_options: dict | None, extensions,
             units.append(Unit(name=name, kind=kind, source=proto + p, rel=rel))
         listing = None
     else:
-        listing = retry_call(lambda: list_inputs(spec, storage_options, tuple(extensions)), f"listing {spec}", retry)
-        df = listing.samples
-        units = []
-        for start in range(0, len(df), shard_size):
-            part = df.iloc[start:start + shard_size]
-            ids = part["id"].tolist()
-            units.append(Unit(name=f"chunk-{_ids_hash(ids)}", kind="files",
-                              rows=tuple(zip(ids, part["source"].tolist()))))
+        folders = retry_call(lambda: _top_folders(spec, storage_options), f"listing {spec}", retry)
+        listing = retry_call(lambda: list_inputs(spec, storage_options, tuple(extensions), recursive=not folders),
+                             f"listing {spec}", retry)
+        units = [Unit(name=rel, kind="prefix", source=uri, rel=rel) for rel, uri in folders]  # listed by workers
+        units += files_units(listing.samples["id"].tolist(), listing.samples["source"].tolist(), shard_size)
     todo = []
     for u in units:
         chunks, last = done.get(u.name, (set(), None))
@@ -208,6 +206,25 @@ def plan_units(spec: str, output: str, storage_options: dict | None, extensions,
     return UnitPlan(units=todo, shards=len(units), skipped=len(units) - len(todo),
                     total=len(listing.samples) if listing else 0, ignored=listing.ignored if listing else 0,
                     duplicates=listing.duplicates if listing else 0)
+
+
+def _top_folders(spec: str, storage_options: dict | None) -> list[tuple[str, str]]:
+    """(relative path, URI) of the folders right under a folder input: each is listed by a worker, so the
+    driver never holds the whole listing. Empty for a glob, a list file or a single image."""
+    fs, path = get_fs(spec, storage_options)
+    if any(c in path for c in "*?[") or not fs.isdir(path):
+        return []
+    proto = "" if "://" not in spec else spec.split("://", 1)[0] + "://"
+    root = path.rstrip("/")
+    return sorted((posixpath.relpath(e["name"], root), proto + e["name"]) for e in fs.ls(root, detail=True)
+                  if e["type"] == "directory")
+
+
+def files_units(ids: list[str], sources: list[str], shard_size: int) -> list[Unit]:
+    """Loose files in chunks of shard_size, each named by the hash of its ids (the same ids, the same name)."""
+    return [Unit(name=f"chunk-{_ids_hash(ids[i:i + shard_size])}", kind="files",
+                 rows=tuple(zip(ids[i:i + shard_size], sources[i:i + shard_size])))
+            for i in range(0, len(ids), shard_size)]
 
 
 def _ids_hash(ids: list[str]) -> str:
@@ -247,25 +264,42 @@ class LoadUnits:
     cannot be read for good is one error row, one that stays unreachable leaves its unit uncommitted."""
 
     def __init__(self, load_cls: type, load_kwargs: dict, shard_size: int, storage_options: dict | None = None,
-                 retry: RetryConfig | None = None, image_member: str = "", image_column: str = ""):
+                 retry: RetryConfig | None = None, image_member: str = "", image_column: str = "",
+                 output: str = "", extensions: tuple[str, ...] = ()):
         self.load = load_cls(**load_kwargs)
+        self.output, self.extensions = output, tuple(extensions)
         self.shard_size, self.storage_options, self.retry = shard_size, storage_options, retry
         self.image_member, self.image_column = image_member, image_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for text in batch["unit"]:
             unit = Unit.from_json(str(text))
+            if unit.kind == "prefix":  # a folder of loose files: listed here, in chunks not yet committed
+                for chunk in self.list_prefix(unit):
+                    yield from self(dict(unit=np.array([chunk.to_json()], dtype=object)))
+                continue
             for k, last, samples in self.chunks(unit):
                 if k in unit.done:
                     continue
                 yield {"unit": np.array([chunk_name(unit.name, k)], dtype=object), "last": np.array([last]),
                        "samples": np.array([pack(samples)], dtype=object)}
 
+    def list_prefix(self, unit: Unit) -> list[Unit]:
+        listing = retry_call(lambda: list_inputs(unit.source, self.storage_options, self.extensions),
+                             f"listing {unit.source}", self.retry).samples
+        ids = [f"{unit.rel}/{i}" for i in listing["id"]]
+        chunks = files_units(ids, listing["source"].tolist(), self.shard_size)
+        fs, root = get_fs(manifest_prefix(self.output), self.storage_options)
+        return [c for c in chunks if not retry_call(
+            lambda c=c: fs.exists(f"{root}/{marker_path(chunk_name(c.name, 0), True)}"), f"checking {c.name}",
+            self.retry)]
+
     def chunks(self, unit: Unit) -> Iterator[tuple[int, bool, dict]]:
         if unit.kind == "files":
             ids = [r[0] for r in unit.rows]
             stems, errors, kinds = output_stems(ids)
-            batch = _sample_batch(ids, [r[1] for r in unit.rows], [""] * len(ids), stems, errors, kinds)
+            keys = [f"{i:06d}" for i in range(len(ids))]  # a loose file's key in its output shard: its position
+            batch = _sample_batch(ids, [r[1] for r in unit.rows], keys, stems, errors, kinds)
             yield 0, True, self.load.load(batch, None)
             return
         try:
@@ -449,9 +483,4 @@ def read_output_image(uri: str, storage_options: dict | None = None) -> bytes:
         if k == key and cell and cell.get("path") == member:
             return cell["bytes"]
     raise FileNotFoundError(f"{member} not in {shard}")
-
-
-def manifest_kwargs_for_units(kwargs: dict) -> dict:
-    """The workflow's ManifestWriter arguments plus the unit columns (shard, key, meta)."""
-    return {**kwargs, "columns": list(kwargs["columns"]) + UNIT_COLUMNS}
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from tasks.config import opt
 from tasks.faults import RetryConfig, row_failure
 from tasks.images import encode_png
+from tasks.stage import Contract, Declared
 from tasks.storage import get_fs, join_under, write_bytes
 
 PIXEL_COLUMNS = ("image", "dr2", "restored", "lq_pixels")
@@ -51,8 +53,13 @@ def put_png(root: str, stem: str, rgb: np.ndarray, compression: int, storage_opt
     return uri
 
 
-class WriteImages:
+class WriteImages(Declared):
     """Ray Data batch function. `images` maps an output name (dir and manifest column) to a pixel column."""
+
+    @classmethod
+    def contract(cls, images: dict[str, str], **kwargs) -> Contract:
+        return Contract(("id", "status", "error", "stem", *images.values()),
+                        tuple((name, pa.string()) for name in images))  # each image's URI
 
     def __init__(self, output: str, images: dict[str, str], png_compression: int = 3,
                  storage_options: dict | None = None, keep_pixels: bool = False, retry: RetryConfig | None = None,

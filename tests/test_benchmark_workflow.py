@@ -35,7 +35,7 @@ def test_benchmark_end_to_end(ray_local, tmp_path):
     assert fid_stats(["--input", str(src), "--output", str(tmp_path / "gtref.npz"), "--weights", "random-init",
                       "--image.size", "64"]) == 0
     args = ["--input", str(src), "--output", str(out), "--allow-random-weights", "true",
-            "--dr2.architecture", "tiny", "--model-size", "32", "--image.size", "64", "--enhancer.size", "64",
+            "--dr2.architecture", "tiny", "--image.size", "32", "--image.gt-size", "64", "--enhancer.size", "64",
             "--methods", json.dumps(METHODS), "--degradation.custom", '{base: gfpgan, scale: "2:4"}',
             "--metrics.names", "[psnr_rgb, ssim_y, lpips_alex, ids, fid_tf_inception]",
             "--metrics.weights", "{lpips_alex: random-init, fid_tf_inception: random-init}",
@@ -91,7 +91,7 @@ def test_benchmark_real_world(ray_local, tmp_path):
     out = tmp_path / "out"
     metrics = "[psnr_rgb, lmd_mtcnn5, niqe, meanlevel, ids, deg, fid_tf_inception]"
     args = ["--mode", "real-world", "--input", str(src), "--output", str(out), "--allow-random-weights", "true",
-            "--dr2.architecture", "tiny", "--model-size", "32", "--image.size", "96", "--enhancer.size", "96",
+            "--dr2.architecture", "tiny", "--image.size", "32", "--image.gt-size", "96", "--enhancer.size", "96",
             "--methods", json.dumps(METHODS[:2]), "--metrics.names", metrics,
             "--metrics.weights", json.dumps({"fid_tf_inception": str(tmp_path / "tfinc.pth"), "identity": "random-init",
                                              "niqe": str(tmp_path / "niqe.npz")}),
@@ -103,7 +103,7 @@ def test_benchmark_real_world(ray_local, tmp_path):
     df = read_manifest(str(out))
     assert len(df) == 6 and (df["status"] == "ok").all() and (df["deg_level"] == "real-world").all()
     assert df["psnr_rgb"].isna().all() and df["lmd_mtcnn5"].isna().all()  # no ground truth: no number
-    assert df["gt"].isna().all() and not (out / "gt").exists()
+    assert "gt" not in df.columns and not (out / "gt").exists()  # no ground truth: not declared
     assert df["niqe"].notna().all() and df["meanlevel"].notna().all()
     inp = df[df["method"] == "input"]
     np.testing.assert_allclose(inp["ids"], 1.0, atol=1e-6)  # identity vs the input: the input itself scores 1
@@ -127,3 +127,37 @@ def test_wrong_metric_options_refused_before_ray(tmp_path, caplog):
     assert benchmark(["--output", out, "--mode", "wild"]) == 2 and "real-world" in caplog.text
     assert benchmark(["--output", out, "--metrics.fid-reference", json.dumps({"ffhq": str(tmp_path / "no.npz")})]) == 2
     assert "no.npz" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_benchmark_webdataset_output_one_sample_per_key_with_every_method(ray_local, tmp_path):
+    import webdataset as wds
+
+    src = tmp_path / "hq"
+    src.mkdir()
+    for p in sorted(SAMPLES.glob("*.png"))[:3]:
+        cv2.imwrite(str(src / p.name), cv2.resize(cv2.imread(str(p)), (64, 64), interpolation=cv2.INTER_AREA))
+    out = tmp_path / "out"
+    assert benchmark(["--input", str(src), "--output", str(out), "--allow-random-weights", "true",
+                      "--dr2.architecture", "tiny", "--image.size", "32", "--image.gt-size", "64",
+                      "--enhancer.size", "64", "--methods", json.dumps(METHODS), "--metrics.names",
+                      "[psnr_rgb, fid_tf_inception]", "--metrics.weights", "{fid_tf_inception: random-init}",
+                      "--runtime.device", "cpu", "--runtime.batch-size", "3", "--write.format", "webdataset",
+                      "--write.shard-size", "2"]) == 0
+    df = read_manifest(str(out))
+    assert len(df) == 9 and (df["status"] == "ok").all()
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    assert len(tars) == 2 and not (out / "gt").exists()
+    samples = list(wds.WebDataset(tars, shardshuffle=False))
+    methods = [m["name"] for m in METHODS]
+    assert len(samples) == 3  # one webdataset sample per face, its ground truth and input stored once
+    for s in samples:
+        assert set(s) - {"__key__", "__url__", "__local_path__"} == {"gt.png", "lq.png", *(
+            f"{m}.restored.png" for m in methods), *(f"{m}.json" for m in methods)}
+        rows = {m: json.loads(s[f"{m}.json"]) for m in methods}
+        assert {r["method"] for r in rows.values()} == set(methods) and len({r["id"] for r in rows.values()}) == 1
+        gt = cv2.imdecode(np.frombuffer(s["gt.png"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        restored = cv2.imdecode(np.frombuffer(s["input.restored.png"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        assert abs(rows["input"]["psnr_rgb"] - peak_signal_noise_ratio(gt, restored, data_range=255)) < 1e-4
+    fid = fid_scores(str(out))
+    assert set(fid["fid_tf_inception@gt"]) == set(methods)  # features of committed shards only
+    assert list((out / "report" / "grids").glob("*.png"))  # the report reads its images out of the tars

@@ -33,6 +33,20 @@ def test_shipped_config_loads_and_round_trips(tmp_path):
     assert cfg != shipped
 
 
+def test_image_size_is_the_model_size_in_every_workflow_and_the_benchmark_names_its_gt_size():
+    from workflows.benchmark import BenchmarkConfig
+    from workflows.restore import RestoreConfig
+
+    shipped = load(BenchmarkConfig, ["--config", "configs/benchmark.yaml"], "d")
+    assert (shipped.image.size, shipped.image.gt_size) == (256, 512)
+    assert load(RestoreConfig, ["--config", "configs/restore.yaml"], "d").image.size == shipped.image.size
+    cfg = load(BenchmarkConfig, ["--image.size", "32", "--image.gt-size", "64", "--image.min-side", "8"], "d")
+    assert cfg.image.size == 32
+    read = cfg.image.read_at_gt_size()  # what the load stage resizes the ground truth to
+    assert (read.size, read.min_side, read.extensions) == (64, 8, cfg.image.extensions)
+    assert "gt_size" in to_dict(cfg)["image"] and "model_size" not in to_dict(cfg)
+
+
 def test_unknown_keys_and_bad_types_are_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dr2: {weigths: x}\n")

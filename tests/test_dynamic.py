@@ -450,6 +450,7 @@ def test_dynamic_stage_difface_convention_and_a_separate_dr2_mapper(monkeypatch)
     from models.diffusion import dr2_schedule
     from models.dr2 import DR2Params, dr2_sample
     from models.noise import derive_seed
+    from tasks.config import Sampled
     from tasks.dr2_stage import DR2Config
     from tasks.dynamic_stage import DynamicConfig, DynamicStage
     from tasks.runtime import to_model_range
@@ -457,7 +458,9 @@ def test_dynamic_stage_difface_convention_and_a_separate_dr2_mapper(monkeypatch)
     spy = SpySample()
     monkeypatch.setattr("tasks.dynamic_stage.dynamic_sample", spy)
     cfg = DynamicConfig(prior="tiny-difface", allow_random_weights=True, max_start=0, start_convention="difface")
-    stage = DynamicStage(cfg, None, CPU, seed=0, dr2=DR2Config(architecture="tiny", allow_random_weights=True))
+    # the mapper's (N, tau) are the workflow's dr2.N / dr2.tau (one name, one place)
+    dr2 = DR2Config(architecture="tiny", allow_random_weights=True, N=Sampled((2,)), tau=Sampled((5,)))
+    stage = DynamicStage(cfg, None, CPU, seed=0, dr2=dr2)
     assert stage.weights == "random-init:tiny-difface+dr2=random-init:tiny"
     ids, lq = _lq_batch()
     counted = Counting(stage._network)
@@ -466,16 +469,17 @@ def test_dynamic_stage_difface_convention_and_a_separate_dr2_mapper(monkeypatch)
     # max_start 0 is raised to 1 under the difface convention: one call, at index 0 (t = 0), per sample
     assert [p.start for p in params] == [1, 1] and counted.timesteps == [[0, 0]]
     assert spy.calls[0]["convention"] == "difface"
-    assert info[0]["blur_mapper"] == "dr2(N=4,tau=22,weights=random-init:tiny)"
+    assert info[0]["blur_mapper"] == "dr2(N=2,tau=5,weights=random-init:tiny)"
     assert info[0]["start_convention"] == "difface" and info[0]["start_t"] == 4
     # the DR2 mapper is the tiny DR2 network, not the prior: its x0-hat is what the chain diffused
     seeds = [derive_seed("dr2-estimate", sample_seed(0, i)) for i in ids]
     want = dr2_sample(stage.dr2_host._network, dr2_schedule(), to_model_range(lq, torch.device("cpu")),
-                      [DR2Params.of(4, 22)] * 2, SeededNoise(seeds))
+                      [DR2Params.of(2, 5)] * 2, SeededNoise(seeds))
     assert torch.equal(spy.calls[0]["x_init"], want)
 
 
 def test_diffuse_options_are_refused_in_one_line_naming_the_fix(caplog):
+    from tasks.config import Sampled
     from tasks.dr2_stage import DR2Config
     from tasks.dynamic_stage import DynamicConfig, resolve_diffuse
 
@@ -483,8 +487,15 @@ def test_diffuse_options_are_refused_in_one_line_naming_the_fix(caplog):
         DynamicConfig(diffuse="raw")
     with pytest.raises(ValueError, match="dynamic.start_convention must be one of call-at-start, difface"):
         DynamicConfig(start_convention="ddpm")
-    with pytest.raises(ValueError, match="dynamic.dr2_N / dynamic.dr2_tau"):
-        DynamicConfig(dr2_tau=150)
+    # diffuse dr2 runs one DR2 setting for every sample: dr2.N / dr2.tau must be fixed, valid values
+    tiny = DynamicConfig(prior="tiny")
+    with pytest.raises(ValueError, match=r"^--dr2.N: dynamic.diffuse dr2 needs one fixed .* got \[4, 8\]$"):
+        resolve_diffuse(tiny, DR2Config(N=Sampled((4, 8))))
+    with pytest.raises(ValueError, match=r"^--dr2.tau: dynamic.diffuse dr2 needs one fixed integer value"):
+        resolve_diffuse(tiny, DR2Config(tau=Sampled(low=10, high=30)))
+    with pytest.raises(ValueError, match=r"^--dr2.N / --dr2.tau: invalid DR2 parameters N=4, tau=150"):
+        resolve_diffuse(tiny, DR2Config(tau=Sampled((150,))))
+    assert resolve_diffuse(tiny, DR2Config(N=Sampled((4, 8))), "input") == "input"  # no DR2 run: no constraint
     difface = DynamicConfig(prior="difface-512")
     with pytest.raises(ValueError, match="--dr2.weights .* or choose --dynamic.diffuse input"):
         resolve_diffuse(difface, DR2Config())
@@ -501,6 +512,9 @@ def test_diffuse_options_are_refused_in_one_line_naming_the_fix(caplog):
     assert restore(["--method", "dynamic", "--dynamic.prior", "difface-512", "--dynamic.allow-random-weights",
                     "true", "--output", "/nonexistent/never-written"]) == 2
     assert "dynamic.diffuse dr2 needs a DR2 network" in caplog.text
+    assert restore(["--method", "dynamic", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
+                    "--dr2.N", "4,8", "--output", "/nonexistent/never-written"]) == 2
+    assert "--dr2.N: dynamic.diffuse dr2 needs one fixed integer value" in caplog.text
 
 
 @torch.inference_mode()
@@ -656,7 +670,7 @@ def test_benchmark_workflow_runs_dyn_and_dyn_raw(ray_local, tmp_path):
                                                                       "diffuse": "input"}]
     args = ["--input", str(tmp_path / "hq"), "--output", str(out), "--allow-random-weights", "true",
             "--dr2.architecture", "tiny", "--dynamic.prior", "tiny", "--dynamic.allow-random-weights", "true",
-            "--dynamic.max-start", "3", "--dynamic.size", "32", "--image.size", "64", "--enhancer.size", "64",
+            "--dynamic.max-start", "3", "--dynamic.size", "32", "--image.gt-size", "64", "--enhancer.size", "64",
             "--metrics.names", "[psnr_rgb]", "--runtime.device", "cpu",
             "--runtime.batch-size", "2", "--cluster.block-rows", "2"]
     assert benchmark(args + ["--methods", json.dumps(methods)]) == 0

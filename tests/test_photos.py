@@ -216,3 +216,49 @@ def test_upscaled_photo_background_from_the_upsampler(ray_local, tmp_path):
     foot = cv2.dilate(foot, np.ones((5, 5), np.uint8)) > 0
     diff = np.abs(after[~foot].astype(int) - expected[~foot].astype(int))  # another process: float order only
     assert foot.mean() < 0.9 and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_faces_travel_as_typed_records_matched_by_face_index(tmp_path):
+    """Plans and restored-face annotations are read by name: a stage that lists its restored faces in another
+    order pastes and reports exactly the same photo; an unknown field is refused, not dropped."""
+    import pandas as pd
+
+    from tasks.align import AlignConfig, similarity_to_template, warp_face
+    from tasks.photo_stage import PasteAndWrite, PlannedFace, RestoredFace, _objects, decode_faces, encode_faces
+    from tests.test_align import blob_photo, face_at, landmarks_for
+
+    lms = [landmarks_for(face_at(0, 0.3, x, 90, 64), 64) for x in (60, 150)]
+    photo = blob_photo(180, 220, np.concatenate(lms), sigma=3)
+    Ms = [similarity_to_template(lm, 64) for lm in lms]
+    plans = [PlannedFace(face_index=0, status="ok", affine=Ms[0].reshape(-1).tolist(), face_size=64),
+             PlannedFace(face_index=1, status="too_small", reason="eye distance"),
+             PlannedFace(face_index=2, status="ok", affine=Ms[1].reshape(-1).tolist(), face_size=64)]
+    assert decode_faces(PlannedFace, encode_faces(plans)) == plans
+    faces = [255 - warp_face(photo, M, 64) for M in Ms]  # inverted: a wrong match pastes visibly wrong pixels
+    infos = [RestoredFace(0, seed=10, weights="w", omega=3), RestoredFace(2, seed=12, weights="w", omega=5)]
+
+    def run(order: list[int], out: str):
+        batch = {"id": np.array(["p.png"], dtype=object), "source": np.array(["p"], dtype=object),
+                 "stem": np.array(["p"], dtype=object), "status": np.array(["ok"], dtype=object),
+                 "error": np.array([""], dtype=object), "kind": np.array(["photo"], dtype=object),
+                 "photo": _objects([photo]), "plans": np.array([encode_faces(plans)], dtype=object),
+                 "restored_faces": _objects([np.stack([faces[j] for j in order])]),
+                 "faces_info": np.array([encode_faces([infos[j] for j in order])], dtype=object),
+                 "detector": np.array(["d"], dtype=object)}
+        writer = PasteAndWrite(str(tmp_path / out), AlignConfig(face_size=64), write_faces=True, png_compression=1,
+                               constants={})
+        result = writer(batch)
+        assert result["status"].tolist() == ["ok"], result["error"]
+        assert (result["faces_restored"][0], result["faces_skipped"][0]) == (2, 1)
+        return _rgb(result["restored"][0]), read_manifest(str(tmp_path / out / "faces")).set_index("id")
+
+    in_order, rows = run([0, 1], "a")
+    reversed_, rows_reversed = run([1, 0], "b")
+    assert np.array_equal(in_order, reversed_) and not np.array_equal(in_order, photo)
+    assert rows.loc["p.png#f02", "seed"] == 12 and rows.loc["p.png#f02", "omega"] == 5
+    assert rows.loc["p.png#f01", "error"] == "eye distance" and pd.isna(rows.loc["p.png#f01", "omega"])
+    for face in ("p.png#f00", "p.png#f02"):
+        assert rows.loc[face, "seed"] == rows_reversed.loc[face, "seed"]
+        assert np.array_equal(_rgb(rows.loc[face, "restored"]), _rgb(rows_reversed.loc[face, "restored"]))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scores'"):
+        decode_faces(PlannedFace, json.dumps([{"face_index": 0, "status": "ok", "scores": 1.0}]))

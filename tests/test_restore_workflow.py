@@ -33,6 +33,23 @@ def test_handover_is_clamp_then_bicubic():
     assert handover(x, 16).abs().max() <= 1
 
 
+def test_missing_weights_refused_alike_on_the_driver_and_in_the_actor(tmp_path, caplog):
+    """One missing-weights check per network: the driver's one-line refusal is the actor builder's error."""
+    from tasks.dr2_stage import DR2Config, build_dr2_unet
+    from tasks.dynamic_stage import DynamicConfig, build_prior
+
+    common = ["--input", str(SAMPLES), "--output", str(tmp_path / "never"), "--image.size", "32"]
+    for argv, build in ((["--dr2.architecture", "tiny"], lambda: build_dr2_unet(DR2Config(architecture="tiny"))),
+                        (["--method", "dynamic", "--dynamic.prior", "tiny"],
+                         lambda: build_prior(DynamicConfig(prior="tiny")))):
+        caplog.clear()
+        assert restore(common + argv) == 2
+        with pytest.raises(RuntimeError, match="no .*weights configured") as refused:
+            build()
+        assert str(refused.value) in caplog.text and "\n" not in str(refused.value)
+    assert not (tmp_path / "never").exists()
+
+
 def test_builtin_and_plugin_enhancers(tmp_path):
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
     none, size, ident = build_enhancer(EnhancerConfig(name="none"), CPU)
@@ -107,7 +124,7 @@ def test_per_sample_settings_from_an_input_list(ray_local, tmp_path):
     assert restore([*FAST, "--enhancer.name", "bicubic", "--input", str(listing), "--output", str(out)]) == 0
     df = read_manifest(str(out)).sort_values("N")
     assert df[["N", "tau", "omega"]].values.tolist() == [[2, 5, 15], [4, 9, 29]]
-    assert (df["enhancer_weights"] == "bicubic").all() and df["dr2"].isna().all()
+    assert (df["enhancer_weights"] == "bicubic").all() and "dr2" not in df.columns  # not written: not declared
 
 
 def test_timed_stage_records_busy_time_per_actor_across_stages():

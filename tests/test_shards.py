@@ -232,3 +232,21 @@ def test_webdataset_output_on_s3_with_a_killed_actor_commits_every_sample_once(r
     assert sorted(ids) == sorted(f"f-{s}.tar/{k}" for s in range(2) for k in range(4))
     df = read_manifest(f"s3://{bucket}/out/", s3_server.storage_options)
     assert len(df) == 8 and (df["status"] == "ok").all()
+
+
+def test_loose_folders_are_listed_by_workers_and_a_rerun_skips_every_committed_chunk(ray_local, tmp_path):
+    for rel in ("top.png", "a/0.png", "a/1.png", "a/2.png", "b/deep/3.png"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / rel).write_bytes(_face_png(len(rel)))
+    plan = plan_units(str(tmp_path / "in"), str(tmp_path / "out"), None, ["png"], shard_size=2, resume=True)
+    assert sorted((u.kind, u.name) for u in plan.units if u.kind == "prefix") == [("prefix", "a"), ("prefix", "b")]
+    assert [u.rows for u in plan.units if u.kind == "files"] == [(("top.png", str(tmp_path / "in" / "top.png")),)]
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--write.format", "webdataset",
+            "--write.shard-size", "2", *FAST]
+    assert augment(args) == 0
+    df = read_manifest(str(tmp_path / "out"))
+    assert sorted(df["id"]) == ["a/0.png", "a/1.png", "a/2.png", "b/deep/3.png", "top.png"]
+    assert len(list((tmp_path / "out" / "shards").glob("*.tar"))) == 4  # a: 2 chunks, b: 1, the top level: 1
+    assert augment(args) == 0
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["ok"] == 0  # every chunk found committed
+    assert len(read_manifest(str(tmp_path / "out"))) == 5

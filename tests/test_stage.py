@@ -1,6 +1,7 @@
 """The stage skeleton (tasks/stage.py): only ok rows are computed, the others get zeros of the right shape."""
 
 import numpy as np
+import pytest
 
 from tasks.stage import ImageStage, per_row
 
@@ -42,3 +43,24 @@ def test_a_batch_without_ok_rows_never_runs_the_model_and_keeps_its_shapes():
     out = stage(_batch(["error", "error"]))
     assert stage.seen == []
     assert out["inverted"].shape == (2, 4, 4, 3) and not out["inverted"].any() and list(out["weights"]) == ["w"] * 2
+
+
+def test_a_chain_reading_a_column_no_earlier_stage_adds_is_refused_when_built():
+    import pyarrow as pa
+
+    from tasks.augment_stage import AugmentWriteConfig, BlurAndWrite
+    from tasks.dr2_stage import DR2Stage
+    from tasks.load_stage import LISTING_COLUMNS, LoadFaces
+    from tasks.manifest import ManifestWriter
+    from tasks.stage import ContractError, check_chain
+
+    load = (LoadFaces, {"specs": {"N": None, "tau": None, "sigma": None}})
+    typed = dict(check_chain(list(LISTING_COLUMNS), [load, (DR2Stage, {}), (BlurAndWrite, {
+        "write": AugmentWriteConfig(hq=False)}), (ManifestWriter, {})]))
+    assert typed["sigma"] == pa.float64() and typed["lq"] == pa.string() and "hq" not in typed
+    assert "image" not in typed and "dr2" not in typed  # pixels never reach the manifest
+    with pytest.raises(ContractError, match=r"DR2Stage reads \['N', 'tau'\]"):
+        check_chain(list(LISTING_COLUMNS), [(LoadFaces, {"specs": {"sigma": None}}), (DR2Stage, {})])
+    with pytest.raises(ContractError, match=r"BlurAndWrite reads \['sigma'\]"):
+        check_chain(list(LISTING_COLUMNS), [(LoadFaces, {"specs": {"N": None, "tau": None}}), (DR2Stage, {}),
+                                            (BlurAndWrite, {"write": AugmentWriteConfig()})])

@@ -3,8 +3,6 @@ upsampler, the pixel budget, the plug-in interface, and the driver's fallback de
 
 from __future__ import annotations
 
-import json
-
 import cv2
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from models.rrdbnet import RRDBNet
 from tasks.align import AlignConfig, crop_corners, paste_back, similarity_to_template, warp_face
-from tasks.photo_stage import PasteAndWrite, _objects
+from tasks.photo_stage import PasteAndWrite, PlannedFace, RestoredFace, _objects, encode_faces
 from tasks.upsample import TiledUpsampler, UpsamplerConfig, resolve_upscale
 from tests.test_align import blob_photo, centroids, face_at, landmarks_for
 from tests.test_rrdbnet import photo as textured
@@ -107,13 +105,14 @@ def test_paste_and_write_rows_record_the_upscale_and_upsampler(tmp_path):
     photo = blob_photo(170, 200, lm, sigma=3)
     M = similarity_to_template(lm, 64)
     align = AlignConfig(face_size=64, upscale=2)
-    plan = [{"face_index": 0, "status": "ok", "reason": "", "affine": M.reshape(-1).tolist(), "face_size": 64}]
+    plan = [PlannedFace(face_index=0, status="ok", affine=M.reshape(-1).tolist(), face_size=64)]
     batch = {"id": np.array(["a.png", "b.png"], dtype=object), "source": np.array(["a", "b"], dtype=object),
              "stem": np.array(["a", "b"], dtype=object), "status": np.array(["ok", "ok"], dtype=object),
              "error": np.array(["", ""], dtype=object), "kind": np.array(["photo", "photo"], dtype=object),
-             "photo": _objects([photo, photo]), "plans": np.array([json.dumps(plan), "[]"], dtype=object),
+             "photo": _objects([photo, photo]), "plans": np.array([encode_faces(plan), "[]"], dtype=object),
              "restored_faces": _objects([warp_face(photo, M, 64)[None], np.zeros((0, 64, 64, 3), np.uint8)]),
-             "faces_info": np.array(["[{}]", "[]"], dtype=object), "detector": np.array(["d", "d"], dtype=object)}
+             "faces_info": np.array([encode_faces([RestoredFace(0)]), "[]"], dtype=object),
+             "detector": np.array(["d", "d"], dtype=object)}
     writer = PasteAndWrite(str(tmp_path), align, write_faces=False, png_compression=1, constants={},
                            upsampler="bicubic", upsampler_note="no upsampler weights: bicubic background")
     out = writer(batch)

@@ -17,11 +17,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python workflows/augment.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
-
 from tasks.augment_stage import AugmentWriteConfig, BlurAndWrite, BlurConfig
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -44,11 +42,6 @@ from tasks.runtime import RuntimeConfig
 from tasks.weights import check_weights
 
 log = logging.getLogger("augment")
-
-MANIFEST_COLUMNS = [
-    ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("sigma", pa.float64()),
-    ("lq", pa.string()), ("hq", pa.string()),
-]
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,7 @@ def build_pipeline(cfg: AugmentConfig, plan, ray, version: str):
                 pool=pool, gpus=gpus)
     return chain.commit(
         (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry)),
-        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so, retry=cfg.retry,
+        (ManifestWriter, dict(output=cfg.output, storage_options=so, retry=cfg.retry,
                               constants={"job_seed": cfg.seed, "code_version": version,
                                          "config_hash": config_hash(cfg)})))
 
@@ -97,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise DriverRefusal(str(e)) from None
     weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
-    if not weights and not cfg.dr2.allow_random_weights:
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
-                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+    if missing_dr2_weights(cfg.dr2):
+        log.error("%s", missing_dr2_weights(cfg.dr2))
         return 2
     version = code_version()
     summary = Summary("augment", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,

@@ -21,16 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
 
 from tasks.benchmark_stage import (
-    DEG_COLUMNS,
     AsObserved,
     BenchmarkManifestWriter,
     BenchmarkStage,
@@ -45,12 +43,12 @@ from tasks.benchmark_stage import (
     plugin_report_info,
 )
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label
-from tasks.dynamic_stage import DYNAMIC_COLUMNS, DynamicConfig
+from tasks.dr2_stage import DR2Config, check_dr2_params, dr2_random_label, missing_dr2_weights
+from tasks.dynamic_stage import DynamicConfig
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import read_manifest
-from tasks.metrics import FID_METRICS, FULL_REFERENCE, METRIC_NAMES, NO_GT
+from tasks.metrics import FID_METRICS, FULL_REFERENCE, NO_GT
 from tasks.pipeline import (
     Chain,
     ClusterConfig,
@@ -75,28 +73,41 @@ from tasks.write_stage import WriteConfig, WriteImages
 log = logging.getLogger("benchmark")
 
 MODES = ("synthetic", "real-world")
-DEG_TYPES = {"deg_kernel": pa.string(), "deg_kernel_size": pa.int64(), "deg_jpeg_quality": pa.int64(),
-             "deg_level": pa.string()}
+
+
+@dataclass(frozen=True)
+class BenchmarkImageConfig(ImageConfig):
+    """image.size is the model's input size, as in augment and restore; the ground truth has a name of its own."""
+
+    size: int = opt(256, "model input size: the degraded face is resized to size x size with PIL bicubic for DR2 "
+                         "(as DR2); the ground truth is read at image.gt_size")
+    gt_size: int = opt(512, "ground-truth size: input faces are read and resized to gt_size x gt_size (PIL bicubic); "
+                            "degradation, restored outputs, metrics and the report are at this size (mode real-world: "
+                            "the degraded input is read at it)")
+
+    def read_at_gt_size(self) -> ImageConfig:
+        """The load stage's settings: faces are read at the ground-truth size."""
+        return ImageConfig(**{f.name: getattr(self, f.name) for f in fields(ImageConfig)} | {"size": self.gt_size})
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
     input: str = opt("data/samples", "aligned faces: the ground truth (mode synthetic) or the degraded faces to "
-                                     "restore (mode real-world); folder/prefix, glob or URI list")
+                                     "restore (mode real-world); folder/prefix, glob, URI list, WebDataset .tar "
+                                     "shards or Parquet files of image bytes")
     mode: str = opt("synthetic", "synthetic: input = ground truth, degraded here with degradation.*; real-world: input "
                                  "= degraded faces without ground truth (no degradation; full-reference metrics not "
                                  "applicable; identity vs input; FID vs metrics.fid_reference)")
     output: str = opt("out/benchmark", "output prefix: gt/, lq/, restored/<method>/, fid/, manifest/, report/")
     seed: int = opt(0, "job seed: degradations and DR2 noise depend only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
-    model_size: int = opt(256, "DR2's input size: the degraded face is resized to it with PIL bicubic")
     methods: list[dict] = opt([{"name": "input"}, {"name": "dr2", "N": 4, "tau": 22, "enhancer": "none"},
                                {"name": "dr2+sparnethd", "N": 4, "tau": 22, "enhancer": "sparnethd"}],
                               "methods: {name, N, tau, enhancer}; without N the degraded input itself; enhancer "
                               "none/bicubic or the configured enhancer.name; {name, dynamic: true, enhancer, "
                               "diffuse}: the dynamic method configured by dynamic.*, diffuse overriding "
                               "dynamic.diffuse (e.g. {name: dyn_raw, dynamic: true, diffuse: input} beside dyn)")
-    image: ImageConfig = ImageConfig(size=512)
+    image: BenchmarkImageConfig = BenchmarkImageConfig()
     degradation: DegradationConfig = DegradationConfig()
     dr2: DR2Config = DR2Config()
     dynamic: DynamicConfig = DynamicConfig()
@@ -110,20 +121,11 @@ class BenchmarkConfig:
     report_grid_samples: int = opt(6, "faces shown in the report's image grids")
 
 
-def manifest_columns(cfg: BenchmarkConfig) -> list[tuple[str, pa.DataType]]:
-    metrics = [(m, pa.float64()) for m in cfg.metrics.names
-               if m not in FID_METRICS and (m in METRIC_NAMES or m in (cfg.metrics.plugins or {}))]
-    degs = [(c, DEG_TYPES.get(c, pa.float64())) for c in DEG_COLUMNS]
-    return [("method", pa.string()), ("gt", pa.string()), ("lq", pa.string()), ("restored", pa.string()),
-            ("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), *degs, *metrics,
-            *(DYNAMIC_COLUMNS[1:] if has_dynamic(cfg.methods) else [])]
-
-
 def build_pipeline(cfg: BenchmarkConfig, plan, ray, version: str):
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
-    chain = Chain(ray, plan, cfg, LoadFaces, dict(image=cfg.image, job_seed=cfg.seed, storage_options=so,
-                                                  retry=cfg.retry, specs={}))
+    chain = Chain(ray, plan, cfg, LoadFaces, dict(image=cfg.image.read_at_gt_size(), job_seed=cfg.seed,
+                                                  storage_options=so, retry=cfg.retry, specs={}))
     real_world = cfg.mode == "real-world"
     if real_world:  # the input is the degraded face: no degradation, no ground truth
         chain.cpu(AsObserved)
@@ -135,11 +137,11 @@ def build_pipeline(cfg: BenchmarkConfig, plan, ray, version: str):
     dyn = {"dynamic": cfg.dynamic} if has_dynamic(cfg.methods) else {}
     chain.model(DynamicBenchmarkStage if dyn else BenchmarkStage, dict(
         methods=cfg.methods, **dyn, dr2=cfg.dr2, enhancer=cfg.enhancer, metrics=cfg.metrics, runtime=cfg.runtime,
-        seed=cfg.seed, model_size=cfg.model_size, storage_options=so, real_world=real_world), pool=pool, gpus=gpus)
+        seed=cfg.seed, model_size=cfg.image.size, storage_options=so, real_world=real_world), pool=pool, gpus=gpus)
     return chain.commit(
         (WriteImages, dict(output=cfg.output, images={"restored": "restored"}, storage_options=so, retry=cfg.retry,
                            png_compression=cfg.write.png_compression, format=cfg.write.format)),
-        (BenchmarkManifestWriter, dict(output=cfg.output, columns=manifest_columns(cfg), storage_options=so,
+        (BenchmarkManifestWriter, dict(output=cfg.output, storage_options=so,
                                        retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": version,
                                                                    "config_hash": config_hash(cfg)})),
         rows=cfg.cluster.manifest_rows * len(cfg.methods))
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     so = cfg.storage_options or None
     try:
-        check_dr2_params(cfg.dr2, cfg.model_size)
+        check_dr2_params(cfg.dr2, cfg.image.size)
     except ValueError as e:
         raise DriverRefusal(str(e)) from None
     if cfg.mode not in MODES:
@@ -168,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     weights = check_weights(cfg.dr2.weights, so, cfg.dr2.sha256) if cfg.dr2.weights else None
-    if not weights and not cfg.dr2.allow_random_weights:
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI, or --allow-random-weights for a "
-                  "pipeline demo whose DR2 numbers are NOT those of DR2")
+    if missing_dr2_weights(cfg.dr2):
+        log.error("%s", missing_dr2_weights(cfg.dr2))
         return 2
     version = code_version()
     summary = Summary("benchmark", cfg.output, weights=weights or dr2_random_label(cfg.dr2), code_version=version,

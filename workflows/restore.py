@@ -29,8 +29,15 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import pyarrow as pa
 
 from tasks.config import opt
-from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label
-from tasks.dynamic_stage import DR2_PRIORS, DYNAMIC_COLUMNS, DynamicConfig, DynamicStage, resolve_diffuse
+from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
+from tasks.dynamic_stage import (
+    DR2_PRIORS,
+    DYNAMIC_COLUMNS,
+    DynamicConfig,
+    DynamicStage,
+    missing_prior_weights,
+    resolve_diffuse,
+)
 from tasks.faults import RetryConfig
 from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
@@ -71,14 +78,16 @@ from tasks.write_stage import WriteImages
 
 log = logging.getLogger("restore")
 
-MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
-                    ("enhancer_weights", pa.string()), ("restored", pa.string()), ("dr2", pa.string())]
+# photo rows (the aligned pipelines derive their manifest columns from their stages' contracts)
+PHOTO_MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
+                          ("enhancer_weights", pa.string()), ("dr2", pa.string())]
 
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    input: str = opt("data/samples", "LQ aligned faces: folder/prefix, glob, or .parquet/.csv list with a 'uri' "
-                                     "column (optional 'id', 'N', 'tau' columns for per-sample settings)")
+    input: str = opt("data/samples", "LQ aligned faces: folder/prefix, glob, .parquet/.csv list with a 'uri' "
+                                     "column (optional 'id', 'N', 'tau' columns for per-sample settings), WebDataset "
+                                     ".tar shards (shard, folder, glob, brace pattern) or Parquet files of image bytes")
     output: str = opt("out/restore", "output prefix: restored/, dr2/, manifest/ and _summary.json go under it")
     seed: int = opt(0, "job seed: a sample's noise depends only on (seed, sample id)")
     storage_options: dict = opt({}, "fsspec options (e.g. {endpoint_url: ...}); credentials from the environment")
@@ -138,7 +147,7 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
                         batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=pool))
     constants = manifest_constants(cfg, version)
-    columns = [c for c in MANIFEST_COLUMNS if c[0] != "restored"] + PHOTO_COLUMNS
+    columns = PHOTO_MANIFEST_COLUMNS + PHOTO_COLUMNS
     return write_and_commit(
         ds, (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
                                  png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
@@ -175,8 +184,8 @@ def build_pipeline(cfg: RestoreConfig, plan, ray, version: str):
     return chain.commit(
         (WriteImages, dict(output=cfg.output, images=images, png_compression=cfg.write.png_compression,
                            storage_options=so, retry=cfg.retry, format=cfg.write.format)),
-        (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                              storage_options=so, retry=cfg.retry, constants=manifest_constants(cfg, version))))
+        (ManifestWriter, dict(output=cfg.output, storage_options=so, retry=cfg.retry,
+                              constants=manifest_constants(cfg, version))))
 
 
 @refuse_on_driver
@@ -239,14 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                       cfg.dynamic.scale_map_weights):
             if extra:
                 check_weights(extra, so)
-    if not weights and not net.allow_random_weights:
-        if cfg.method == "dynamic":
-            log.error("no dynamic prior weights configured: pass --dynamic.weights PATH_OR_URI (DR2_FFHQ.pkl for "
-                      "dynamic.prior dr2-256, iddpm_ffhq512_ema500000.pth for difface-512), or "
-                      "--dynamic.allow-random-weights true for a pipeline demo whose outputs are NOT restorations")
-            return 2
-        log.error("no DR2 weights configured: pass --dr2.weights PATH_OR_URI (DR2_FFHQ.pkl), or "
-                  "--allow-random-weights for a pipeline demo whose outputs are NOT restorations")
+    missing = missing_prior_weights(cfg.dynamic) if cfg.method == "dynamic" else missing_dr2_weights(cfg.dr2)
+    if missing:
+        log.error("%s", missing)
         return 2
     version = code_version()
     random_label = random_init_label(cfg.dynamic.prior) if cfg.method == "dynamic" else dr2_random_label(cfg.dr2)
