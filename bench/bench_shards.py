@@ -14,11 +14,11 @@ planning: synthetic placeholder datasets (bench/make_dataset.py) as loose files 
   plan_units over an output whose manifest has a committed marker for every chunk (names only: plan_units reads no row);
   files = tasks.manifest.committed_ids over a manifest of real Parquet shards (cluster.manifest-rows rows each,
   the workflow's columns), the read a files-mode resume does before it can skip anything.
-requests: loose 32 px PNGs on S3 (SeaweedFS started here, or --endpoint), the augment workflow's stage classes
-  run in THIS process without Ray (Ray workers are other processes, whose requests an in-process counter
-  cannot see), the same batching as the workflow: files = plan -> LoadFaces -> DR2Stage -> BlurAndWrite ->
-  ManifestWriter in batches of cluster.manifest-rows, then the final compaction; webdataset = plan_units ->
-  LoadUnits -> per_unit(DR2Stage) -> CommitUnit. Both write _summary.json. Every S3 request of the stages'
+requests: loose 32 px PNGs on S3 (SeaweedFS started here, or --endpoint), the augment workflow's own
+  build_pipeline (its Chain) run in THIS process by a stand-in for Ray Data (Ray workers are other processes,
+  whose requests an in-process counter cannot see), with the workflow's batching: files = plan -> LoadFaces ->
+  DR2Stage -> BlurAndWrite + ManifestWriter per cluster.manifest-rows, then the final compaction; webdataset =
+  plan_units -> LoadUnits -> per_unit(DR2Stage) -> CommitUnit. Both write _summary.json. Every S3 request of the stages'
   filesystem is counted (bench/count_requests.py), planning and listing included.
 throughput: workflows.augment.main twice in this process (one local Ray), same input and tiny random model,
   --write.format files then webdataset; images/s = ok / drain seconds from each <output>/_summary.json.
@@ -292,48 +292,64 @@ def augment_config(input: str, output: str, storage_options: dict | None, extra:
     return dataclasses.replace(cfg, storage_options=storage_options or {})
 
 
+class LocalData:
+    """The few Ray Data calls a workflow's Chain makes, run eagerly in this process (no Ray): map_batches with
+    batch_size (rows re-batched across blocks, as Ray Data does), task functions, generators and class UDFs."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def map_batches(self, fn, *, batch_size=None, fn_constructor_kwargs=None, **_) -> LocalData:
+        import numpy as np
+
+        if fn_constructor_kwargs is not None:  # a class UDF: one instance, like one actor
+            fn = fn(**fn_constructor_kwargs)
+        whole = {k: np.concatenate([b[k] for b in self.batches]) for k in self.batches[0]} if self.batches else {}
+        n = len(next(iter(whole.values()))) if whole else 0
+        step = batch_size or max(n, 1)
+        out = []
+        for i in range(0, n, step):
+            r = fn({k: v[i:i + step] for k, v in whole.items()})
+            out += [r] if isinstance(r, dict) else list(r)
+        return LocalData(out)
+
+
+class LocalRay:
+    """Stands for the `ray` module a workflow's build_pipeline receives."""
+
+    class data:  # noqa: N801 - mirrors ray.data
+        @staticmethod
+        def from_items(items, **_) -> LocalData:
+            import numpy as np
+
+            return LocalData([{k: np.array([it[k] for it in items], dtype=object) for k in items[0]}] if items else [])
+
+        @staticmethod
+        def from_pandas(frames) -> LocalData:
+            return LocalData([{c: df[c].to_numpy() for c in df.columns} for df in frames if len(df)])
+
+        @staticmethod
+        def ActorPoolStrategy(size):  # noqa: N802 - mirrors ray.data
+            return None
+
+    @staticmethod
+    def cluster_resources() -> dict:
+        return {"CPU": 1.0}
+
+
 def run_in_process(cfg) -> dict:
-    """The augment workflow's plan and stages, in this process, without Ray (as its Chain would run them)."""
-    import numpy as np
-
-    from tasks.augment_stage import BlurAndWrite
-    from tasks.dr2_stage import DR2Stage
-    from tasks.load_stage import LoadFaces
-    from tasks.manifest import ManifestWriter, write_summary
+    """The augment workflow as its process() runs it (plan, its own build_pipeline, compaction in files mode,
+    the summary), with every stage in this process: LocalRay instead of Ray."""
+    from tasks.manifest import write_summary
     from tasks.pipeline import Plan, compact, plan_work
-    from tasks.units import CommitUnit, LoadUnits, concat, manifest_kwargs_for_units, per_unit, take
-    from workflows.augment import MANIFEST_COLUMNS
+    from workflows.augment import build_pipeline
 
-    so, rt = cfg.storage_options or None, cfg.runtime
+    so = cfg.storage_options or None
     p = plan_work(cfg)
-    load_kwargs = dict(image=cfg.image, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
-                       specs={"N": cfg.dr2.N, "tau": cfg.dr2.tau, "sigma": cfg.blur.sigma})
-    dr2_kwargs = dict(dr2=cfg.dr2, runtime=rt, seed=cfg.seed, storage_options=so)
-    write = (BlurAndWrite, dict(output=cfg.output, write=cfg.write, storage_options=so, retry=cfg.retry))
-    manifest = (ManifestWriter, dict(output=cfg.output, columns=MANIFEST_COLUMNS, storage_options=so,
-                                     retry=cfg.retry, constants={"job_seed": cfg.seed, "code_version": "bench",
-                                                                 "config_hash": "bench"}))
-    ok = 0
+    ds = build_pipeline(cfg, p, LocalRay, "bench")
+    ok = sum(int(b["ok"].sum()) for b in ds.batches)
     if isinstance(p, Plan):
-        load, dr2 = LoadFaces(**load_kwargs), DR2Stage(**dr2_kwargs)
-        writer, commit = write[0](**write[1]), manifest[0](**manifest[1])
-        df, rows = p.todo, cfg.cluster.manifest_rows
-        for start in range(0, len(df), rows):
-            batch = {c: df[c].iloc[start:start + rows].to_numpy() for c in df.columns}
-            batch = load(batch)
-            n = len(batch["id"])
-            batch = concat([dr2(take(batch, slice(i, i + rt.batch_size))) for i in range(0, n, rt.batch_size)])
-            ok += int(commit(writer(batch))["ok"].sum())
         compact(cfg.output, so, cfg.retry)
-    else:
-        loader = LoadUnits(LoadFaces, load_kwargs, cfg.write.shard_size, so, cfg.retry, cfg.image.member,
-                           cfg.image.column)
-        dr2 = per_unit(DR2Stage, rows=rt.batch_size)(**dr2_kwargs)
-        commit = CommitUnit(write, (manifest[0], manifest_kwargs_for_units(manifest[1])), cfg.output,
-                            cfg.write.format, so, cfg.retry)
-        for u in p.units:
-            for row in loader({"unit": np.array([u.to_json()], dtype=object)}):
-                ok += int(commit(dr2(row))["ok"].sum())
     write_summary(cfg.output, {"ok": ok}, so)
     return {"ok": ok}
 
