@@ -153,13 +153,14 @@ def write_files_manifest(output: str, count: int, rows: int) -> int:
     import pyarrow.parquet as pq
 
     from tasks.manifest import ManifestWriter, shard_name
-    from workflows.augment import MANIFEST_COLUMNS
 
     root = Path(output) / "manifest"
     root.mkdir(parents=True, exist_ok=True)
     n = min(rows, count)
     ids = [f"{i // 1000:06d}/{i:09d}.png" for i in range(n)]
-    template = ManifestWriter(output, MANIFEST_COLUMNS, {"job_seed": 0, "code_version": "bench",
+    columns = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("sigma", pa.float64()),
+               ("lq", pa.string()), ("hq", pa.string())]  # the augment workflow's own columns
+    template = ManifestWriter(output, columns, {"job_seed": 0, "code_version": "bench",
                                                          "config_hash": "bench"}).table({
         "id": np.array(ids, dtype=object), "source": np.array([f"/in/{i}" for i in ids], dtype=object),
         "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
