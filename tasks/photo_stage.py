@@ -33,9 +33,10 @@ from tasks.config import Sampled, opt
 from tasks.detect import DetectorConfig, build_detector
 from tasks.faults import TRANSIENT, RetryConfig, TransientError, row_failure
 from tasks.images import decode_image, resize_to
-from tasks.load_stage import load_rows, param_columns
+from tasks.load_stage import LISTING_COLUMNS, LOADED, PARAM_TYPES, load_rows, param_columns
 from tasks.manifest import ManifestWriter, write_shard
 from tasks.parsing import FaceParser, ParserConfig
+from tasks.stage import IN_FLIGHT, PIXELS, Contract, Declared
 from tasks.storage import join_under
 from tasks.upsample import TiledUpsampler, UpsamplerConfig
 from tasks.write_stage import put_png
@@ -43,10 +44,6 @@ from tasks.write_stage import put_png
 MODES = ("aligned", "photos", "auto")
 FACES_DIR = "faces"  # <output>/faces/manifest (face rows) and <output>/faces/restored (crops)
 
-PHOTO_COLUMNS = [("kind", pa.string()), ("faces_detected", pa.int64()), ("faces_restored", pa.int64()),
-                 ("faces_skipped", pa.int64()), ("detector", pa.string()), ("note", pa.string()),
-                 ("restored", pa.string()), ("upscale", pa.int64()), ("upsampler", pa.string()),
-                 ("upsampler_weights", pa.string()), ("parser", pa.string())]
 FACE_COLUMNS = [("photo_id", pa.string()), ("face_index", pa.int64()), ("score", pa.float64()),
                 ("box", pa.list_(pa.float64())), ("landmarks", pa.list_(pa.float64())),
                 ("eye_distance", pa.float64()), ("face_side", pa.float64()), ("border_fraction", pa.float64()),
@@ -153,8 +150,13 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
-class LoadPhotos:
+class LoadPhotos(Declared):
     """Ray Data batch function: (id, source, stem, key_error) -> + photo (any size), kind, status, error."""
+
+    @classmethod
+    def contract(cls, specs: dict, **kwargs) -> Contract:
+        return Contract(LISTING_COLUMNS, (("photo", PIXELS), ("kind", pa.string()), *LOADED,
+                                          *((name, PARAM_TYPES.get(name, pa.float64())) for name in specs)))
 
     def __init__(self, mode: str, max_pixels: int, min_side: int, specs: dict[str, Sampled], job_seed: int,
                  storage_options: dict | None = None, exif_orientation: bool = True,
@@ -179,9 +181,12 @@ class LoadPhotos:
         return out
 
 
-class DetectAlign:
+class DetectAlign(Declared):
     """Ray Data callable class (CPU actors): detector built once; adds plans (encoded PlannedFace records, every
     detected face) and crops (K,S,S,3): crops[i] is the i-th ok face's aligned crop."""
+
+    READS = ("status", "error", "kind", "photo")
+    ADDS = (("crops", IN_FLIGHT), ("plans", IN_FLIGHT), ("detector", pa.string()))
 
     def __init__(self, detector: DetectorConfig, align: AlignConfig, storage_options: dict | None = None):
         self.detector = build_detector(detector, storage_options)
@@ -235,7 +240,7 @@ class DetectAlign:
         return out
 
 
-class PhotoRestore:
+class PhotoRestore(Declared):
     """Ray Data callable class (GPU actors): the restoration stage (RestoreStage or DynamicStage) built once;
     every ok crop of the batch's photos goes through it in chunks of `chunk` faces.
 
@@ -245,6 +250,16 @@ class PhotoRestore:
     """
 
     ANNOTATIONS = tuple(f.name for f in dataclasses.fields(RestoredFace) if f.name != "face_index")
+
+    @classmethod
+    def contract(cls, upsampler: UpsamplerConfig | None = None, upscale: int = 1, parser: ParserConfig | None = None,
+                 **kwargs) -> Contract:
+        adds = [("restored_faces", IN_FLIGHT), ("faces_info", IN_FLIGHT), ("weights", pa.string())]
+        if upsampler is not None and upscale > 1:
+            adds += [("background", PIXELS), ("upsampler_weights", pa.string())]
+        if parser is not None and parser.name != "none":
+            adds += [("face_masks", IN_FLIGHT), ("parser", pa.string())]
+        return Contract(("id", "status", "kind", "plans", "crops"), tuple(adds))
 
     def __init__(self, stage_cls, stage_kwargs: dict, chunk: int, upsampler: UpsamplerConfig | None = None,
                  upscale: int = 1, parser: ParserConfig | None = None):
@@ -322,11 +337,17 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-class PasteAndWrite:
+class PasteAndWrite(Declared):
     """Ray Data batch function (CPU): paste-back, restored photo and face PNGs, the face rows' shard.
 
     Pixel columns are dropped; what flows on is one small row per photo for the ManifestWriter.
     """
+
+    READS = ("id", "source", "stem", "status", "error", "kind", "photo", "plans", "faces_info", "restored_faces",
+             "detector")
+    ADDS = (("restored", pa.string()), ("note", pa.string()), ("faces_detected", pa.int64()),
+            ("faces_restored", pa.int64()), ("faces_skipped", pa.int64()), ("upscale", pa.int64()),
+            ("upsampler", pa.string()), ("upsampler_weights", pa.string()), ("parser", pa.string()))
 
     def __init__(self, output: str, align: AlignConfig, write_faces: bool, png_compression: int,
                  constants: dict, storage_options: dict | None = None, face_columns: list | None = None,

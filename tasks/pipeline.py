@@ -177,14 +177,15 @@ class Chain:
         ds = chain.commit((WriteImages, {...}), (ManifestWriter, {...}))
     """
 
-    def __init__(self, ray, plan, cfg, load_cls: type, load_kwargs: dict):
+    def __init__(self, ray, plan, cfg, load_cls: type, load_kwargs: dict, batch_rows: int | None = None):
         from tasks.units import UNIT_SOURCE, LoadUnits, UnitPlan
 
         self.ray, self.cfg, self.units = ray, cfg, isinstance(plan, UnitPlan)
         self.source = list(UNIT_SOURCE) if self.units else list(plan.todo.columns)
         self.stages: list[tuple[type, dict]] = []
         self.declare(load_cls, load_kwargs)
-        so, block_rows = cfg.storage_options or None, cfg.cluster.block_rows
+        so, block_rows = cfg.storage_options or None, batch_rows or cfg.cluster.block_rows
+        self.block_rows = block_rows  # rows per CPU-stage batch (whole photos: a few per batch)
         if self.units:
             items = [{"unit": u.to_json()} for u in plan.units]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -210,17 +211,26 @@ class Chain:
         if self.units:
             self.ds = self.ds.map_batches(as_task(per_unit(stage_cls), **kwargs), batch_size=1, num_cpus=1)
         else:
-            self.ds = self.ds.map_batches(as_task(stage_cls, **kwargs), batch_size=self.cfg.cluster.block_rows,
-                                          num_cpus=1)
+            self.ds = self.ds.map_batches(as_task(stage_cls, **kwargs), batch_size=self.block_rows, num_cpus=1)
         return self
 
-    def model(self, stage_cls: type, kwargs: dict, *, pool: int, gpus: float) -> Chain:
-        """A model stage on an actor pool (Ray restarts dead actors and retries their batches), timed."""
+    def cpu_actors(self, stage_cls: type, kwargs: dict, compute) -> Chain:
+        """A CPU stage with state worth keeping (a face detector): an actor pool of one CPU each."""
+        if self.units:
+            raise ValueError(f"{stage_cls.__name__}: CPU actor stages run per sample only")
+        self.declare(stage_cls, kwargs)
+        self.ds = self.ds.map_batches(stage_cls, fn_constructor_kwargs=kwargs, batch_size=self.block_rows,
+                                      num_cpus=1, compute=compute)
+        return self
+
+    def model(self, stage_cls: type, kwargs: dict, *, pool: int, gpus: float, batch_size: int | None = None) -> Chain:
+        """A model stage on an actor pool (Ray restarts dead actors and retries their batches), timed;
+        batch_size: rows per call (default runtime.batch-size; whole photos: photos.batch-size)."""
         from tasks.units import per_unit
 
         self.declare(stage_cls, kwargs)
         rt = self.cfg.runtime
-        cls, batch_size = timed(stage_cls), rt.batch_size
+        cls, batch_size = timed(stage_cls), batch_size or rt.batch_size
         if self.units:  # one unit per call, run in slices of the model's batch size
             cls, batch_size = per_unit(cls, rows=rt.batch_size), 1
         self.ds = self.ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size, num_gpus=gpus,

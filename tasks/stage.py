@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 PIXELS = None  # the "type" of a uint8 (B, S, S, 3) image column: it flows between stages, never to the manifest
+IN_FLIGHT = None  # likewise for other columns that only travel between stages (records, per-row arrays)
 STATUS = ("status", "error_kind", "error")
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
 
 from tasks.config import opt
 from tasks.dr2_stage import DR2Config, DR2Stage, check_dr2_params, dr2_random_label, missing_dr2_weights
@@ -43,7 +42,6 @@ from tasks.load_stage import ImageConfig, LoadFaces
 from tasks.manifest import ManifestWriter
 from tasks.photo_stage import (
     FACE_COLUMNS,
-    PHOTO_COLUMNS,
     DetectAlign,
     LoadPhotos,
     PasteAndWrite,
@@ -57,8 +55,6 @@ from tasks.pipeline import (
     ResumeConfig,
     Summary,
     actor_pool,
-    as_task,
-    blocks,
     code_version,
     config_hash,
     finish,
@@ -66,9 +62,7 @@ from tasks.pipeline import (
     process,
     refuse_on_driver,
     sharded,
-    timed,
     warn_random,
-    write_and_commit,
 )
 from tasks.restore_stage import EnhancerConfig, EnhanceStage, RestoreStage, RestoreWriteConfig
 from tasks.runtime import RuntimeConfig
@@ -77,11 +71,6 @@ from tasks.weights import check_weights, random_init_label
 from tasks.write_stage import WriteImages
 
 log = logging.getLogger("restore")
-
-# photo rows (the aligned pipelines derive their manifest columns from their stages' contracts)
-PHOTO_MANIFEST_COLUMNS = [("N", pa.int64()), ("tau", pa.int64()), ("omega", pa.int64()), ("enhancer", pa.string()),
-                          ("enhancer_weights", pa.string()), ("dr2", pa.string())]
-
 
 @dataclass(frozen=True)
 class RestoreConfig:
@@ -119,7 +108,7 @@ def manifest_constants(cfg: RestoreConfig, version: str) -> dict:
             "enhancer": cfg.enhancer.name}
 
 
-def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
+def build_photo_pipeline(cfg: RestoreConfig, plan, ray, version: str):
     """Whole photos: load -> detect+align (CPU actors) -> restore crops (GPU actors) -> paste+write -> manifest."""
     so, ph, dynamic = cfg.storage_options or None, cfg.photos, cfg.method == "dynamic"
     upscale, upsampler, upsampler_note = resolve_upscale(ph.upsampler, ph.upscale)
@@ -127,40 +116,32 @@ def build_photo_pipeline(cfg: RestoreConfig, todo, ray, version: str):
     align = dataclasses.replace(ph.align, face_size=cfg.image.size, upscale=upscale)
     network = upscale > 1 and runs_network(ph.upsampler)
     pool, gpus = actor_pool(cfg.runtime, ray)
-    ds = ray.data.from_pandas(blocks(todo, ph.batch_size))
-    ds = ds.map_batches(as_task(LoadPhotos, mode=ph.mode, max_pixels=cfg.image.max_pixels,
-                                min_side=cfg.image.min_side, job_seed=cfg.seed, storage_options=so, retry=cfg.retry,
-                                exif_orientation=ph.exif_orientation,
-                                specs=param_specs(cfg)),
-                        batch_size=ph.batch_size, num_cpus=1)
+    chain = Chain(ray, plan, cfg, LoadPhotos, dict(
+        mode=ph.mode, max_pixels=cfg.image.max_pixels, min_side=cfg.image.min_side, job_seed=cfg.seed,
+        storage_options=so, retry=cfg.retry, exif_orientation=ph.exif_orientation, specs=param_specs(cfg)),
+        batch_rows=ph.batch_size)
     detect_pool = (ray.data.ActorPoolStrategy(size=ph.detect_actors) if ph.detect_actors > 0 else
                    ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources()["CPU"]) // 2)))
-    ds = ds.map_batches(DetectAlign, fn_constructor_kwargs=dict(detector=ph.detector, align=align, storage_options=so),
-                        batch_size=ph.batch_size, num_cpus=1, compute=detect_pool)
+    chain.cpu_actors(DetectAlign, dict(detector=ph.detector, align=align, storage_options=so), detect_pool)
     stage_cls, stage_kwargs = ((DynamicStage, dict(dynamic=cfg.dynamic, dr2=cfg.dr2)) if dynamic
                                else (RestoreStage, dict(dr2=cfg.dr2)))
     stage_kwargs.update(enhancer=cfg.enhancer, runtime=cfg.runtime, seed=cfg.seed, storage_options=so)
-    ds = ds.map_batches(timed(PhotoRestore), fn_constructor_kwargs=dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs,
-                                                                 chunk=cfg.runtime.batch_size, upscale=upscale,
-                                                                 upsampler=ph.upsampler if network else None,
-                                                                 parser=ph.parser),
-                        batch_size=ph.batch_size, num_gpus=gpus, num_cpus=cfg.runtime.cpus_per_actor,
-                        compute=ray.data.ActorPoolStrategy(size=pool))
+    chain.model(PhotoRestore, dict(stage_cls=stage_cls, stage_kwargs=stage_kwargs, chunk=cfg.runtime.batch_size,
+                                   upscale=upscale, upsampler=ph.upsampler if network else None, parser=ph.parser),
+                pool=pool, gpus=gpus, batch_size=ph.batch_size)
     constants = manifest_constants(cfg, version)
-    columns = PHOTO_MANIFEST_COLUMNS + PHOTO_COLUMNS
-    return write_and_commit(
-        ds, (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
-                                 png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
-                                 retry=cfg.retry, face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
-                                 upsampler=upsampler, upsampler_note=upsampler_note)),
-        (ManifestWriter, dict(output=cfg.output, columns=columns, storage_options=so, retry=cfg.retry,
-                              constants=constants)),
+    return chain.commit(
+        (PasteAndWrite, dict(output=cfg.output, align=align, write_faces=ph.write_faces,
+                             png_compression=cfg.write.png_compression, constants=constants, storage_options=so,
+                             retry=cfg.retry, face_columns=FACE_COLUMNS + (DYNAMIC_COLUMNS if dynamic else []),
+                             upsampler=upsampler, upsampler_note=upsampler_note)),
+        (ManifestWriter, dict(output=cfg.output, storage_options=so, retry=cfg.retry, constants=constants)),
         rows=ph.batch_size)  # whole photos: a shard per photo batch keeps a task's memory bounded
 
 
 def build_pipeline(cfg: RestoreConfig, plan, ray, version: str):
     if cfg.photos.mode != "aligned":
-        return build_photo_pipeline(cfg, plan.todo, ray, version)
+        return build_photo_pipeline(cfg, plan, ray, version)
     so = cfg.storage_options or None
     pool, gpus = actor_pool(cfg.runtime, ray)
     dynamic = cfg.method == "dynamic"
