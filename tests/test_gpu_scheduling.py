@@ -17,6 +17,7 @@ import pytest
 
 from tasks.config import build
 from tasks.manifest import read_manifest
+from tasks.pipeline import Plan
 from workflows.augment import AugmentConfig, build_pipeline
 from workflows.augment import main as augment
 
@@ -41,8 +42,9 @@ def ray_one_gpu():
 
 def _physical_plan(ray, capsys, device: str) -> str:
     cfg = build(AugmentConfig, {"runtime": {"device": device}, "dr2": {"allow_random_weights": True}})
-    todo = pd.DataFrame({"uri": ["/nowhere/a.png"], "id": ["a.png"]})
-    build_pipeline(cfg, todo, ray, "test").explain()
+    todo = pd.DataFrame({"id": ["a.png"], "source": ["/nowhere/a.png"], "stem": ["a"], "key_error": [""],
+                         "key_error_kind": [""]})
+    build_pipeline(cfg, Plan(todo=todo, total=1, skipped=0, ignored=0, duplicates=0), ray, "test").explain()
     out = capsys.readouterr().out
     return out[out.index("Physical Plan (Optimized)"):]
 
