@@ -367,8 +367,9 @@ class Summary:
     def text(self) -> str:
         lines = [
             f"{self.workflow}: {self.ok} ok, {self.error} error, {self.transient} transient, {self.skipped} skipped "
-            f"(already committed), {self.total} inputs" + (f", {self.ignored} non-image files ignored"
-                                                           if self.ignored else "")
+            f"(already committed), " + (f"{self.total} inputs" if self.total or not self.input_shards else
+                                        "sample count known per shard as it is read")
+            + (f", {self.ignored} non-image files ignored" if self.ignored else "")
             + (f", {self.duplicates} repeated list rows dropped" if self.duplicates else "")
             + (f"; {self.input_shards} units of work, {self.skipped_shards} already committed"
                if self.input_shards else ""),
@@ -505,8 +506,6 @@ def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
         drain(build_pipeline(cfg, p, ray, version), summary)
     if isinstance(p, Plan):
         compact(cfg.output, so, cfg.retry)
-    else:
-        summary.total = summary.total or summary.ok + summary.error + summary.transient
 
 
 def sharded(cfg) -> bool:

@@ -190,7 +190,7 @@ def plan_units(spec: str, output: str, storage_options: dict | None, extensions,
             rel = posixpath.relpath(p, root)
             name = rel[: -len(kind) - 1]
             units.append(Unit(name=name, kind=kind, source=proto + p, rel=rel))
-        listing = None
+        listing, folders = None, []
     else:
         folders = retry_call(lambda: _top_folders(spec, storage_options), f"listing {spec}", retry)
         listing = retry_call(lambda: list_inputs(spec, storage_options, tuple(extensions), recursive=not folders),
@@ -204,8 +204,8 @@ def plan_units(spec: str, output: str, storage_options: dict | None, extensions,
             continue
         todo.append(Unit(**{**asdict(u), "done": tuple(sorted(chunks))}) if chunks else u)
     return UnitPlan(units=todo, shards=len(units), skipped=len(units) - len(todo),
-                    total=len(listing.samples) if listing else 0, ignored=listing.ignored if listing else 0,
-                    duplicates=listing.duplicates if listing else 0)
+                    total=len(listing.samples) if listing is not None and not folders else 0,  # else: as they run
+                    ignored=listing.ignored if listing else 0, duplicates=listing.duplicates if listing else 0)
 
 
 def _top_folders(spec: str, storage_options: dict | None) -> list[tuple[str, str]]:
@@ -405,16 +405,15 @@ class CommitUnit:
         else:
             samples = self.write(samples)
         status = np.asarray(samples["status"])
-        if (status == TRANSIENT).any():
-            samples["status"] = np.full(len(status), TRANSIENT, dtype=object)
-            return self.manifest(samples)  # counts them; writes nothing
+        if (status == TRANSIENT).any():  # the whole chunk waits for a rerun, under the cause's kind
+            kind = str(np.asarray(samples["error_kind"])[status == TRANSIENT][0])
+            return self.manifest(_all_transient(samples, kind))  # counts them; writes nothing
         if self.format != "files":
             try:
                 self.write_data(chunk, samples)
             except TransientError as e:
                 log.warning("shard %s not written, %d samples left for a rerun: %s", chunk, len(status), e)
-                samples["status"] = np.full(len(status), TRANSIENT, dtype=object)
-                return self.manifest(samples)
+                return self.manifest(_all_transient(samples, e.kind))
         return self.manifest(samples, name=marker_path(chunk, last))
 
     def write_data(self, chunk: str, samples: dict[str, np.ndarray]) -> None:
@@ -445,6 +444,11 @@ class CommitUnit:
                                  {name: [f"{keys[i]}.{m}" for i, m in enumerate(members[name])] for name in names})
         fs, path = get_fs(uri, self.storage_options)
         write_bytes(fs, path, data, self.retry)
+
+
+def _all_transient(samples: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    n = len(samples["status"])
+    return {**samples, "status": np.full(n, TRANSIENT, dtype=object), "error_kind": np.full(n, kind, dtype=object)}
 
 
 def member_names(keys: list[str], method, images: dict[str, np.ndarray]) -> dict[str, list[str]]:

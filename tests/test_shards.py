@@ -250,3 +250,30 @@ def test_loose_folders_are_listed_by_workers_and_a_rerun_skips_every_committed_c
     assert augment(args) == 0
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["ok"] == 0  # every chunk found committed
     assert len(read_manifest(str(tmp_path / "out"))) == 5
+
+
+def test_a_chunk_with_a_transient_row_is_not_committed_at_all(tmp_path):
+    from tasks.manifest import ManifestWriter
+    from tasks.units import CommitUnit, pack
+    from tasks.write_stage import WriteImages
+
+    n = 3
+    samples = {"id": np.array(["s/0", "s/1", "s/2"], dtype=object), "source": np.array(["x"] * n, dtype=object),
+               "stem": np.array(["0", "1", "2"], dtype=object), "key": np.array(["0", "1", "2"], dtype=object),
+               "status": np.array(["ok", "transient", "error"], dtype=object),
+               "error_kind": np.array(["", "read_transient", "decode"], dtype=object),
+               "error": np.array(["", "gave up", "bad"], dtype=object), "dr2": np.zeros((n, 8, 8, 3), np.uint8)}
+    commit = CommitUnit((WriteImages, {"output": str(tmp_path), "images": {"lq": "dr2"}, "format": "webdataset"}),
+                        (ManifestWriter, {"output": str(tmp_path), "columns": [], "constants": {}}),
+                        str(tmp_path), "webdataset")
+    stats = commit({"unit": np.array(["s-00000"], dtype=object), "last": np.array([True]),
+                    "samples": np.array([pack(samples)], dtype=object)})
+    assert (stats["transient"][0], stats["ok"][0], stats["rows"][0]) == (3, 0, 0)
+    assert json.loads(stats["kinds"][0]) == {"read_transient": 3}  # under the cause's kind, for the summary
+    assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.rglob("*.parquet"))
+    samples["status"][1], samples["error_kind"][1] = "ok", ""
+    stats = commit({"unit": np.array(["s-00000"], dtype=object), "last": np.array([True]),
+                    "samples": np.array([pack(samples)], dtype=object)})
+    assert (stats["ok"][0], stats["error"][0]) == (2, 1)
+    assert [p.name for p in tmp_path.rglob("*.tar")] == ["s-00000.tar"]
+    assert [p.name for p in tmp_path.rglob("part-*.parquet")] == ["part-s-00000-last.parquet"]
