@@ -33,7 +33,7 @@ class Listing:
     duplicates: int = 0     # list rows dropped for repeating an id
 
 
-def _protocol_prefix(fs, uri: str) -> str:
+def protocol_prefix(fs, uri: str) -> str:
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return "" if proto in ("file", "local") or "://" not in uri else f"{proto}://"
 
@@ -48,7 +48,7 @@ def list_inputs(spec: str, storage_options: dict | None = None,
     """The sample table of an input; recursive=False lists a folder's own files only (its subfolders are
     listed elsewhere: tasks/units.py)."""
     fs, path = get_fs(spec, storage_options)
-    prefix = _protocol_prefix(fs, spec)
+    prefix = protocol_prefix(fs, spec)
     exts = tuple("." + e.lower().lstrip(".") for e in extensions)
     if path.endswith((".parquet", ".csv")) and fs.isfile(path):
         with fs.open(path, "rb") as f:

@@ -57,12 +57,17 @@ def manifest_prefix(output: str) -> str:
     return join_under(output, MANIFEST_DIR)
 
 
-def shard_name(ids: Iterable[str]) -> str:
+def ids_digest(ids: Iterable[str]) -> str:
+    """24 hex digits naming a set of sample ids (the same ids, the same name, in any order)."""
     h = hashlib.blake2b(digest_size=12)
     for i in sorted(set(ids)):
         h.update(i.encode())
         h.update(b"\0")
-    return f"part-{h.hexdigest()}.parquet"
+    return h.hexdigest()
+
+
+def shard_name(ids: Iterable[str]) -> str:
+    return f"part-{ids_digest(ids)}.parquet"
 
 
 def write_shard(table: pa.Table, output: str, storage_options: dict | None = None,

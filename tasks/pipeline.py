@@ -508,28 +508,36 @@ def process(cfg, summary: Summary, build_pipeline, version: str) -> None:
         compact(cfg.output, so, cfg.retry)
 
 
-def sharded(cfg) -> bool:
-    """Shards are the unit of work when the output is written as shards or the input is shards."""
+def input_shard_kind(cfg) -> str | None:
+    """"tar" or "parquet" when --input names shards, else None (one probe of the input)."""
     from tasks.units import shard_input_kind
 
+    return retry_call(lambda: shard_input_kind(cfg.input, cfg.storage_options or None), f"listing {cfg.input}",
+                      cfg.retry)
+
+
+def sharded(cfg, kind: str | None = "probe") -> bool:
+    """Shards are the unit of work when the output is written as shards or the input is shards (`kind`, the
+    input's shard kind, when known already)."""
     write = getattr(cfg, "write", None)
-    return bool(write is not None and write.sharded) or retry_call(
-        lambda: shard_input_kind(cfg.input, cfg.storage_options or None), f"listing {cfg.input}", cfg.retry
-    ) is not None
+    if write is not None and write.sharded:
+        return True
+    return (input_shard_kind(cfg) if kind == "probe" else kind) is not None
 
 
 def plan_work(cfg):
     """The work left: a Plan of samples, or a UnitPlan of shards (tasks/units.py)."""
     from tasks.units import plan_units
 
-    if not sharded(cfg):
+    kind = input_shard_kind(cfg)
+    if not sharded(cfg, kind):
         return plan(cfg.input, cfg.output, cfg.storage_options or None, cfg.image.extensions, cfg.resume, cfg.retry)
     if cfg.resume.retry_errors:
         raise DriverRefusal("--resume.retry-errors: not supported with shard inputs or --write.format "
                             "webdataset/parquet (rerun into a new --output to redo errors)")
     shard_size = cfg.write.shard_size if getattr(cfg, "write", None) is not None else 1000
     return plan_units(cfg.input, cfg.output, cfg.storage_options or None, cfg.image.extensions, shard_size,
-                      cfg.resume.enabled, cfg.retry)
+                      cfg.resume.enabled, cfg.retry, kind=kind)
 
 
 def compact(output: str, storage_options: dict | None, retry) -> None:

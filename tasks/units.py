@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.faults import TRANSIENT, RetryConfig, TransientError, retry_call, row_failure
-from tasks.listing import InputNotFoundError, list_inputs, output_stems
-from tasks.manifest import manifest_prefix
+from tasks.listing import IMAGE_EXTENSIONS, InputNotFoundError, list_inputs, output_stems, protocol_prefix
+from tasks.manifest import ids_digest, manifest_prefix
 from tasks.shards import ShardSample, iter_parquet, iter_tar, parquet_bytes, tar_bytes
 from tasks.storage import get_fs, join_under, write_bytes
 from tasks.write_stage import PNG_PREFIX
@@ -101,7 +101,7 @@ def shard_input_kind(spec: str, storage_options: dict | None) -> str | None:
                 break
             path = sorted(folders)[0]
         kinds = {kind for p in names for ext, kind in SHARD_INPUTS.items() if p.endswith(ext)}
-        images = [p for p in names if p.lower().rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp", "bmp")]
+        images = [p for p in names if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
         if len(kinds) == 1 and not images:
             kind = kinds.pop()
             first = next(p for p in names if p.endswith("." + kind))
@@ -119,7 +119,7 @@ def _is_uri_list(fs, path: str) -> bool:
 def list_shards(spec: str, kind: str, storage_options: dict | None) -> tuple[str, list[str], str]:
     """(root, shard paths sorted, URI prefix) of the shards --input names."""
     fs, path = get_fs(spec, storage_options)
-    proto = "" if "://" not in spec else spec.split("://", 1)[0] + "://"
+    proto = protocol_prefix(fs, spec)
     ext = "." + kind
     if "{" in path:
         paths = expand_braces(path)
@@ -175,10 +175,12 @@ class UnitPlan:
 
 
 def plan_units(spec: str, output: str, storage_options: dict | None, extensions, shard_size: int,
-               resume: bool, retry: RetryConfig | None = None) -> UnitPlan:
+               resume: bool, retry: RetryConfig | None = None, kind: str | None = "probe") -> UnitPlan:
     """The units still to do: input shards (or chunks of a loose-file listing) without a complete set of
-    committed markers. Shard inputs are listed as shards; no shard is opened on the driver."""
-    kind = retry_call(lambda: shard_input_kind(spec, storage_options), f"listing {spec}", retry)
+    committed markers. Shard inputs are listed as shards; no shard is opened on the driver. kind: the input's
+    shard_input_kind when the caller has it already (else it is probed here)."""
+    if kind == "probe":
+        kind = retry_call(lambda: shard_input_kind(spec, storage_options), f"listing {spec}", retry)
     done = (retry_call(lambda: committed_chunks(output, storage_options), f"listing {manifest_prefix(output)}",
                        retry) if resume else {})
     if kind:
@@ -214,7 +216,7 @@ def _top_folders(spec: str, storage_options: dict | None) -> list[tuple[str, str
     fs, path = get_fs(spec, storage_options)
     if any(c in path for c in "*?[") or not fs.isdir(path):
         return []
-    proto = "" if "://" not in spec else spec.split("://", 1)[0] + "://"
+    proto = protocol_prefix(fs, spec)
     root = path.rstrip("/")
     return sorted((posixpath.relpath(e["name"], root), proto + e["name"]) for e in fs.ls(root, detail=True)
                   if e["type"] == "directory")
@@ -222,19 +224,9 @@ def _top_folders(spec: str, storage_options: dict | None) -> list[tuple[str, str
 
 def files_units(ids: list[str], sources: list[str], shard_size: int) -> list[Unit]:
     """Loose files in chunks of shard_size, each named by the hash of its ids (the same ids, the same name)."""
-    return [Unit(name=f"chunk-{_ids_hash(ids[i:i + shard_size])}", kind="files",
+    return [Unit(name=f"chunk-{ids_digest(ids[i:i + shard_size])}", kind="files",
                  rows=tuple(zip(ids[i:i + shard_size], sources[i:i + shard_size])))
             for i in range(0, len(ids), shard_size)]
-
-
-def _ids_hash(ids: list[str]) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=12)
-    for i in ids:
-        h.update(i.encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def pack(batch: dict[str, np.ndarray]) -> bytes:
